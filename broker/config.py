@@ -1,0 +1,39 @@
+"""BrokerConfig: what a broker YAML file may say (the same names as the Python API)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from common.config import ConfigModel
+
+
+class BrokerConfig(ConfigModel):
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("share_dir", "manifest_dir")
+
+    share_dir: str = Field(min_length=1)
+    manifest_dir: str = Field(min_length=1)
+    bind_host: str = "127.0.0.1"
+    advertise_host: str | None = None  # host peers should use; default: bind_host (127.0.0.1 for 0.0.0.0)
+    tracker_port: int = Field(default=5555, ge=0, le=65535)
+    heartbeat_port: int = Field(default=5556, ge=0, le=65535)
+    origin_port: int = Field(default=5557, ge=0, le=65535)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0.0, le=3600.0)
+    heartbeat_liveness: int = Field(default=3, ge=1, le=100)
+    plan_block_segments: int = Field(default=64, ge=1, le=1024)
+    origin_lanes: int = Field(default=2, ge=1, le=64)  # concurrent origin requests per downloader
+    strike_limit: int = Field(default=3, ge=1)  # bad-bytes reports before a peer is benched
+    bench_s: float = Field(default=30.0, ge=0.0)
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=4096)
+    log_level: str = "INFO"
+
+    @property
+    def peer_expiry_s(self) -> float:
+        return self.heartbeat_interval_s * self.heartbeat_liveness
+
+    @property
+    def public_host(self) -> str:
+        if self.advertise_host:
+            return self.advertise_host
+        return "127.0.0.1" if self.bind_host in ("0.0.0.0", "*", "") else self.bind_host

@@ -1,0 +1,141 @@
+"""Planner: which source serves which segments of one download. A pure function.
+
+Steps
+-----
+1. The segments to plan are those the requester lacks (the broker knows what it holds).
+2. They are cut into blocks aligned on multiples of `block` segments (aligned, so that blocks of
+   different downloaders coincide and whole blocks can be traded).
+3. Each block goes to the least-loaded live holder that has all of it; load is the holder's
+   recent planned segments (from the registry) plus what this plan already gave it, so one
+   download is spread over its holders and concurrent downloads over the swarm. Complete
+   holders sit in a heap, so a block costs O(log holders) for them; partial holders are checked
+   one by one.
+4. A block that no single holder covers is planned segment by segment; segments that no live peer
+   holds go to the broker, and only those: peers first, the broker as the fallback.
+5. Blocks are ordered rarest first; among equally rare blocks the order is rotated by `rotate`
+   (different for each downloader of a file), so early downloaders of a new file fetch different
+   blocks from the broker and can trade them at once (super-seeding).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from broker.registry import Holder
+from common.ranges import Run, SegmentSet
+
+BROKER_SOURCE = "broker"
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedSource:
+    name: str
+    endpoint: str
+    runs: tuple[Run, ...] | None  # None: holds every segment
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    sources: tuple[PlannedSource, ...]
+    entries: tuple[tuple[int, int, int], ...]  # (first, count, source index), in fetch order
+
+    def segments_by_source(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _, count, index in self.entries:
+            name = self.sources[index].name
+            counts[name] = counts.get(name, 0) + count
+        return counts
+
+
+def plan_download(
+    segment_count: int,
+    need: SegmentSet,
+    holders: list[Holder],
+    origin_endpoint: str,
+    block: int = 64,
+    rotate: int = 0,
+) -> Plan:
+    # A holder's load from other downloads counts up to its fair share of this one: enough to
+    # steer blocks to idle holders, never enough to leave one holder with the whole download.
+    fair = len(need) / max(len(holders), 1)
+    loads = [min(h.load, fair) for h in holders]
+    complete = [i for i, h in enumerate(holders) if len(h.segments) >= segment_count]
+    complete_set = set(complete)
+    partial = [i for i in range(len(holders)) if i not in complete_set]
+    broker_index = len(holders)
+    assigned = [0.0] * len(holders)
+    heap = [(loads[i], i) for i in complete]
+    heapq.heapify(heap)
+
+    # (availability, rotated block number, first, count, source)
+    blocks: list[tuple[int, int, int, int, int]] = []
+    block_total = max((segment_count + block - 1) // block, 1)
+
+    def add(first: int, count: int, source: int, availability: int) -> None:
+        order = (first // block - rotate) % block_total
+        blocks.append((availability, order, first, count, source))
+
+    for run_first, run_count in need.runs():
+        pos, end = run_first, run_first + run_count
+        while pos < end:
+            stop = min(end, (pos // block + 1) * block)
+            n = stop - pos
+            covering = [i for i in partial if holders[i].segments.covers(pos, n)]
+            availability = len(complete) + len(covering)
+            best = -1
+            if covering:
+                best = min(covering, key=lambda i: loads[i] + assigned[i])
+            if heap and (best < 0 or heap[0][0] <= loads[best] + assigned[best]):
+                _, best = heapq.heappop(heap)
+                assigned[best] += n
+                heapq.heappush(heap, (loads[best] + assigned[best], best))
+            elif best >= 0:
+                assigned[best] += n
+            if best >= 0:
+                add(pos, n, best, availability)
+            else:
+                _plan_segments(pos, n, holders, loads, partial, assigned, broker_index, add)
+            pos = stop
+
+    blocks.sort()
+    sources = tuple(
+        PlannedSource(h.name, h.endpoint, None if i in complete_set else tuple(h.segments.runs()))
+        for i, h in enumerate(holders)
+    ) + (PlannedSource(BROKER_SOURCE, origin_endpoint, None),)
+    entries = tuple((first, count, source) for _, _, first, count, source in blocks)
+    return Plan(sources, entries)
+
+
+def _plan_segments(
+    first: int,
+    count: int,
+    holders: list[Holder],
+    loads: list[float],
+    partial: list[int],
+    assigned: list[float],
+    broker_index: int,
+    add: Callable[[int, int, int, int], None],
+) -> None:
+    """Plan a block that no single holder covers, one segment at a time, merged into runs.
+
+    A run stays with its source while that source has the next segment, so the block is cut into
+    as few requests as the holdings allow.
+    """
+    run_start, run_source, availability = first, -1, 0
+    for i in range(first, first + count):
+        if run_source not in (-1, broker_index) and i in holders[run_source].segments:
+            assigned[run_source] += 1
+            continue
+        having = [p for p in partial if i in holders[p].segments]
+        source = (
+            min(having, key=lambda p: loads[p] + assigned[p]) if having else broker_index
+        )
+        if source != run_source:
+            if run_source != -1:
+                add(run_start, i - run_start, run_source, availability)
+            run_start, run_source, availability = i, source, len(having)
+        if source != broker_index:
+            assigned[source] += 1
+    add(run_start, first + count - run_start, run_source, availability)

@@ -1,0 +1,1 @@
+"""Shared parts of zswarm: segments and manifests, the wire protocol, errors, config loading."""

@@ -1,0 +1,662 @@
+"""Every zswarm wire message, and the one codec that encodes and validates them.
+
+Theory of operation
+-------------------
+A message is a list of frames. Frame 0 is a msgpack map, the header: `op` names the message and
+the other keys are its fields. Segment bytes never go inside msgpack: a `data` reply carries them
+as frame 1, one payload frame for a whole run of segments, because per-frame cost (not bytes)
+limits Python here. ROUTER envelopes (routing id, empty delimiter) belong to the socket shells,
+not to this module.
+
+`decode` trusts nothing: it bounds frame sizes before unpacking, catches every unpack error,
+refuses duplicate keys and ext types, checks the key set exactly, and checks every field's type
+(a bool is not an int), range and length. Anything wrong raises `MalformedMessage` and nothing
+else, so that a shell can count it, log it and carry on. `encode` runs the same checks on the way
+out, so a bug here is caught by the sender, not by the peer at the other end.
+
+docs/PROTOCOL.md is the normative description; this module must agree with it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Generic, TypeVar
+
+import msgpack
+
+from common.errors import MalformedMessage
+from common.manifest import DIGEST_SIZE, SEGMENT_SIZE, check_name
+from common.ranges import Run
+
+PROTOCOL_VERSION = 1
+
+MAX_SEGMENTS = 1 << 26  # 1 TiB files
+MAX_FILE_SIZE = MAX_SEGMENTS * SEGMENT_SIZE
+MAX_RUN_SEGMENTS = 1024  # 16 MiB in one data reply
+MAX_RUNS = 1 << 20
+MAX_RID = (1 << 32) - 1
+MAX_SESSION = (1 << 64) - 1
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024 * 1024  # a 2 TiB manifest's digests would not fit: fine
+MAX_NAME_LEN = 64
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ENDPOINT_PATTERN = re.compile(r"^tcp://[A-Za-z0-9.\-:\[\]]{1,255}:[0-9]{1,5}$")
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- field validators
+
+
+class Field(Generic[T]):
+    """Checks one decoded value and converts it to its Python form; `dump` goes the other way."""
+
+    def load(self, value: Any, where: str) -> T:
+        raise NotImplementedError
+
+    def dump(self, value: T) -> Any:
+        return value
+
+
+def _fail(where: str, problem: str) -> MalformedMessage:
+    return MalformedMessage(f"{where}: {problem}")
+
+
+class UInt(Field[int]):
+    def __init__(self, maximum: int, minimum: int = 0) -> None:
+        self.minimum, self.maximum = minimum, maximum
+
+    def load(self, value: Any, where: str) -> int:
+        if type(value) is not int:
+            raise _fail(where, f"expected an integer, got {type(value).__name__}")
+        if not self.minimum <= value <= self.maximum:
+            raise _fail(where, f"{value} outside [{self.minimum}, {self.maximum}]")
+        return value
+
+
+class Float(Field[float]):
+    def __init__(self, minimum: float, maximum: float) -> None:
+        self.minimum, self.maximum = minimum, maximum
+
+    def load(self, value: Any, where: str) -> float:
+        if type(value) not in (int, float):
+            raise _fail(where, f"expected a number, got {type(value).__name__}")
+        number = float(value)
+        if not math.isfinite(number) or not self.minimum <= number <= self.maximum:
+            raise _fail(where, f"{value} outside [{self.minimum}, {self.maximum}]")
+        return number
+
+
+class Bool(Field[bool]):
+    def load(self, value: Any, where: str) -> bool:
+        if type(value) is not bool:
+            raise _fail(where, f"expected a boolean, got {type(value).__name__}")
+        return value
+
+
+class Str(Field[str]):
+    def __init__(
+        self,
+        max_len: int,
+        pattern: re.Pattern[str] | None = None,
+        check: Callable[[str], str | None] | None = None,
+    ) -> None:
+        self.max_len, self.pattern, self.check = max_len, pattern, check
+
+    def load(self, value: Any, where: str) -> str:
+        if type(value) is not str:
+            raise _fail(where, f"expected a string, got {type(value).__name__}")
+        if len(value) > self.max_len:
+            raise _fail(where, f"longer than {self.max_len} characters")
+        if self.pattern is not None and not self.pattern.match(value):
+            raise _fail(where, f"{value[:80]!r} is not of the allowed form")
+        if self.check is not None:
+            problem = self.check(value)
+            if problem:
+                raise _fail(where, problem)
+        return value
+
+
+class Bin(Field[bytes]):
+    def __init__(self, exact: int | None = None, max_len: int = 1 << 31, multiple_of: int = 1) -> None:
+        self.exact, self.max_len, self.multiple_of = exact, max_len, multiple_of
+
+    def load(self, value: Any, where: str) -> bytes:
+        if type(value) is not bytes:
+            raise _fail(where, f"expected bytes, got {type(value).__name__}")
+        if self.exact is not None and len(value) != self.exact:
+            raise _fail(where, f"expected {self.exact} bytes, got {len(value)}")
+        if len(value) > self.max_len or len(value) % self.multiple_of:
+            raise _fail(where, f"bad length {len(value)}")
+        return value
+
+
+class Opt(Field[T | None]):
+    """A value that may be nil (the key must still be present)."""
+
+    def __init__(self, inner: Field[T]) -> None:
+        self.inner = inner
+
+    def load(self, value: Any, where: str) -> T | None:
+        return None if value is None else self.inner.load(value, where)
+
+    def dump(self, value: T | None) -> Any:
+        return None if value is None else self.inner.dump(value)
+
+
+class Runs(Field[tuple[Run, ...]]):
+    """A list of [first, count] runs of segment indices, each inside [0, MAX_SEGMENTS)."""
+
+    def __init__(self, max_runs: int = MAX_RUNS, max_count: int = MAX_SEGMENTS) -> None:
+        self.max_runs, self.max_count = max_runs, max_count
+
+    def load(self, value: Any, where: str) -> tuple[Run, ...]:
+        if type(value) is not list:
+            raise _fail(where, f"expected a list of runs, got {type(value).__name__}")
+        if len(value) > self.max_runs:
+            raise _fail(where, f"more than {self.max_runs} runs")
+        out: list[Run] = []
+        for item in value:
+            if (
+                type(item) is not list
+                or len(item) != 2
+                or type(item[0]) is not int
+                or type(item[1]) is not int
+            ):
+                raise _fail(where, "a run is not [first, count]")
+            first, count = item
+            if first < 0 or not 1 <= count <= self.max_count or first + count > MAX_SEGMENTS:
+                raise _fail(where, f"run [{first}, {count}] out of range")
+            out.append((first, count))
+        return tuple(out)
+
+    def dump(self, value: tuple[Run, ...]) -> Any:
+        return [[first, count] for first, count in value]
+
+
+class ListOf(Field[tuple[T, ...]]):
+    def __init__(self, inner: Field[T], max_items: int) -> None:
+        self.inner, self.max_items = inner, max_items
+
+    def load(self, value: Any, where: str) -> tuple[T, ...]:
+        if type(value) is not list:
+            raise _fail(where, f"expected a list, got {type(value).__name__}")
+        if len(value) > self.max_items:
+            raise _fail(where, f"more than {self.max_items} items")
+        return tuple(self.inner.load(v, f"{where}[{i}]") for i, v in enumerate(value))
+
+    def dump(self, value: tuple[T, ...]) -> Any:
+        return [self.inner.dump(v) for v in value]
+
+
+class Tuple3(Field[tuple[int, int, int]]):
+    """A plan entry: [first, count, source_index]."""
+
+    def load(self, value: Any, where: str) -> tuple[int, int, int]:
+        if type(value) is not list or len(value) != 3 or any(type(v) is not int for v in value):
+            raise _fail(where, "expected [first, count, source]")
+        first, count, source = value
+        if first < 0 or count < 1 or first + count > MAX_SEGMENTS or not 0 <= source < 4096:
+            raise _fail(where, f"plan entry {value} out of range")
+        return first, count, source
+
+    def dump(self, value: tuple[int, int, int]) -> Any:
+        return list(value)
+
+
+class Struct(Field[T]):
+    """A nested map with a schema of its own (a dataclass with SCHEMA)."""
+
+    def __init__(self, cls: type[T]) -> None:
+        self.cls = cls
+
+    def load(self, value: Any, where: str) -> T:
+        return _load_fields(self.cls, value, where)
+
+    def dump(self, value: T) -> Any:
+        return _dump_fields(value)
+
+
+_SCALAR = (int, float, str, bytes, bool, type(None))
+
+
+class StatsMap(Field[dict[str, Any]]):
+    """Free-form statistics: string keys, scalar / list / map values, bounded depth and size."""
+
+    def load(self, value: Any, where: str) -> dict[str, Any]:
+        self._check(value, where, 0)
+        if type(value) is not dict:
+            raise _fail(where, "expected a map")
+        return value
+
+    def _check(self, value: Any, where: str, depth: int) -> None:
+        if depth > 6:
+            raise _fail(where, "nested too deeply")
+        if type(value) is dict:
+            if len(value) > 100_000:
+                raise _fail(where, "too many keys")
+            for k, v in value.items():
+                if type(k) is not str:
+                    raise _fail(where, "map key is not a string")
+                self._check(v, f"{where}.{k}", depth + 1)
+        elif type(value) is list:
+            if len(value) > 100_000:
+                raise _fail(where, "list too long")
+            for v in value:
+                self._check(v, where, depth + 1)
+        elif type(value) not in _SCALAR:
+            raise _fail(where, f"unexpected {type(value).__name__}")
+
+
+def _load_fields(cls: type[T], value: Any, where: str) -> T:
+    if type(value) is not dict:
+        raise _fail(where, f"expected a map, got {type(value).__name__}")
+    schema: dict[str, Field[Any]] = cls.SCHEMA  # type: ignore[attr-defined]
+    keys = value.keys() - {"op"} if where == "header" else value.keys()
+    if keys != schema.keys():
+        missing = sorted(schema.keys() - keys)
+        extra = sorted(str(k)[:40] for k in keys - schema.keys())
+        raise _fail(where, f"missing keys {missing}" if missing else f"unknown keys {extra}")
+    kwargs = {name: field.load(value[name], f"{where}.{name}") for name, field in schema.items()}
+    return cls(**kwargs)
+
+
+def _dump_fields(obj: Any) -> dict[str, Any]:
+    schema: dict[str, Field[Any]] = obj.SCHEMA
+    return {name: field.dump(getattr(obj, name)) for name, field in schema.items()}
+
+
+# --------------------------------------------------------------------------- shared fields
+
+RID = UInt(MAX_RID)
+FILE_ID = Bin(exact=DIGEST_SIZE)
+FILE_NAME = Str(1024, check=check_name)
+PEER_NAME = Str(MAX_NAME_LEN, NAME_PATTERN)
+SOURCE_NAME = Str(MAX_NAME_LEN)  # a peer name or "broker"
+ENDPOINT = Str(300, ENDPOINT_PATTERN)
+SEGMENT_INDEX = UInt(MAX_SEGMENTS - 1)
+RUN_COUNT = UInt(MAX_RUN_SEGMENTS, minimum=1)
+RUNS = Runs()
+
+
+# --------------------------------------------------------------------------- nested records
+
+
+@dataclass(frozen=True, slots=True)
+class Holding:
+    """The segments of one file that a peer holds."""
+
+    file_id: bytes
+    runs: tuple[Run, ...]
+    SCHEMA: ClassVar[dict[str, Field[Any]]] = {"file_id": FILE_ID, "runs": RUNS}
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A place to fetch segments from: a peer, or the broker (runs = None: it holds everything)."""
+
+    name: str
+    endpoint: str
+    runs: tuple[Run, ...] | None
+    SCHEMA: ClassVar[dict[str, Field[Any]]] = {
+        "name": SOURCE_NAME,
+        "endpoint": ENDPOINT,
+        "runs": Opt(RUNS),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    name: str
+    size: int
+    file_id: bytes
+    SCHEMA: ClassVar[dict[str, Field[Any]]] = {
+        "name": FILE_NAME,
+        "size": UInt(MAX_FILE_SIZE),
+        "file_id": FILE_ID,
+    }
+
+
+# --------------------------------------------------------------------------- messages
+
+
+class Message:
+    OP: ClassVar[str]
+    SCHEMA: ClassVar[dict[str, Field[Any]]]
+    PAYLOAD: ClassVar[bool] = False  # True: one payload frame follows the header
+
+
+# Tracker requests: peer DEALER -> broker ROUTER. Every request carries `rid`, echoed by the reply.
+
+
+@dataclass(frozen=True, slots=True)
+class Register(Message):
+    rid: int
+    name: str
+    endpoint: str
+    holdings: tuple[Holding, ...]
+    proto: int = PROTOCOL_VERSION
+    OP = "register"
+    SCHEMA = {
+        "rid": RID,
+        "name": PEER_NAME,
+        "endpoint": ENDPOINT,
+        "holdings": ListOf(Struct(Holding), 1 << 16),
+        "proto": UInt(255),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Get(Message):
+    rid: int
+    name: str
+    known_file_id: bytes | None = None  # the requester has this manifest: do not resend digests
+    OP = "get"
+    SCHEMA = {"rid": RID, "name": FILE_NAME, "known_file_id": Opt(FILE_ID)}
+
+
+@dataclass(frozen=True, slots=True)
+class Have(Message):
+    rid: int
+    file_id: bytes
+    runs: tuple[Run, ...]
+    OP = "have"
+    SCHEMA = {"rid": RID, "file_id": FILE_ID, "runs": RUNS}
+
+
+@dataclass(frozen=True, slots=True)
+class Lost(Message):
+    rid: int
+    file_id: bytes
+    runs: tuple[Run, ...]
+    OP = "lost"
+    SCHEMA = {"rid": RID, "file_id": FILE_ID, "runs": RUNS}
+
+
+@dataclass(frozen=True, slots=True)
+class BadSource(Message):
+    """A source served segments that failed verification or refused segments it was said to hold."""
+
+    rid: int
+    file_id: bytes
+    source: str
+    runs: tuple[Run, ...]
+    reason: str
+    OP = "bad_source"
+    SCHEMA = {
+        "rid": RID,
+        "file_id": FILE_ID,
+        "source": SOURCE_NAME,
+        "runs": RUNS,
+        "reason": Str(200),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class ListFiles(Message):
+    rid: int
+    OP = "list"
+    SCHEMA = {"rid": RID}
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest(Message):
+    rid: int
+    OP = "stats"
+    SCHEMA = {"rid": RID}
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    rid: int
+    OP = "ping"
+    SCHEMA = {"rid": RID}
+
+
+@dataclass(frozen=True, slots=True)
+class Bye(Message):
+    rid: int
+    OP = "bye"
+    SCHEMA = {"rid": RID}
+
+
+# Tracker replies: broker ROUTER -> peer DEALER.
+
+
+@dataclass(frozen=True, slots=True)
+class Registered(Message):
+    rid: int
+    session: int
+    heartbeat_endpoint: str
+    heartbeat_interval_s: float
+    heartbeat_liveness: int
+    OP = "registered"
+    SCHEMA = {
+        "rid": RID,
+        "session": UInt(MAX_SESSION),
+        "heartbeat_endpoint": ENDPOINT,
+        "heartbeat_interval_s": Float(0.01, 3600.0),
+        "heartbeat_liveness": UInt(100, minimum=1),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo(Message):
+    """The answer to `get`: the manifest (digests omitted when the requester has them) and a plan."""
+
+    rid: int
+    name: str
+    size: int
+    file_id: bytes
+    segment_size: int
+    digests: bytes | None
+    sources: tuple[Source, ...]
+    plan: tuple[tuple[int, int, int], ...]
+    origin_lanes: int
+    OP = "file"
+    SCHEMA = {
+        "rid": RID,
+        "name": FILE_NAME,
+        "size": UInt(MAX_FILE_SIZE),
+        "file_id": FILE_ID,
+        "segment_size": UInt(SEGMENT_SIZE, minimum=SEGMENT_SIZE),
+        "digests": Opt(Bin(max_len=MAX_SEGMENTS * DIGEST_SIZE, multiple_of=DIGEST_SIZE)),
+        "sources": ListOf(Struct(Source), 4096),
+        "plan": ListOf(Tuple3(), MAX_RUNS),
+        "origin_lanes": UInt(64),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Files(Message):
+    rid: int
+    files: tuple[FileEntry, ...]
+    OP = "files"
+    SCHEMA = {"rid": RID, "files": ListOf(Struct(FileEntry), 1 << 20)}
+
+
+@dataclass(frozen=True, slots=True)
+class Stats(Message):
+    rid: int
+    stats: dict[str, Any]
+    OP = "stats_reply"
+    SCHEMA = {"rid": RID, "stats": StatsMap()}
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    rid: int
+    session: int
+    known: bool  # False: the broker does not know this peer (it restarted): register again
+    OP = "pong"
+    SCHEMA = {"rid": RID, "session": UInt(MAX_SESSION), "known": Bool()}
+
+
+@dataclass(frozen=True, slots=True)
+class Ok(Message):
+    rid: int
+    OP = "ok"
+    SCHEMA = {"rid": RID}
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    rid: int
+    code: str
+    message: str
+    OP = "error"
+    SCHEMA = {"rid": RID, "code": Str(32), "message": Str(1000)}
+
+
+# Heartbeat: peer PUB -> broker SUB.
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    name: str
+    OP = "hb"
+    SCHEMA = {"name": PEER_NAME}
+
+
+# Segment transfer: downloader REQ -> server (REQ/REP envelope on a ROUTER).
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRequest(Message):
+    file_id: bytes
+    first: int
+    count: int
+    OP = "seg"
+    SCHEMA = {"file_id": FILE_ID, "first": SEGMENT_INDEX, "count": RUN_COUNT}
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentData(Message):
+    """Segments [first, first + count) less `missing`, concatenated in order, in the payload frame."""
+
+    file_id: bytes
+    first: int
+    count: int
+    missing: tuple[Run, ...]
+    payload: bytes | memoryview = b""
+    OP = "data"
+    SCHEMA = {
+        "file_id": FILE_ID,
+        "first": SEGMENT_INDEX,
+        "count": RUN_COUNT,
+        "missing": Runs(MAX_RUN_SEGMENTS, MAX_RUN_SEGMENTS),
+    }
+    PAYLOAD = True
+
+
+MESSAGES: dict[str, type[Message]] = {
+    cls.OP: cls
+    for cls in (
+        Register,
+        Get,
+        Have,
+        Lost,
+        BadSource,
+        ListFiles,
+        StatsRequest,
+        Ping,
+        Bye,
+        Registered,
+        FileInfo,
+        Files,
+        Stats,
+        Pong,
+        Ok,
+        Error,
+        Heartbeat,
+        SegmentRequest,
+        SegmentData,
+    )
+}
+TRACKER_REQUESTS = (Register, Get, Have, Lost, BadSource, ListFiles, StatsRequest, Ping, Bye)
+
+for _cls in MESSAGES.values():
+    _names = [f.name for f in fields(_cls)]  # type: ignore[arg-type]
+    _expected = list(_cls.SCHEMA) + (["payload"] if _cls.PAYLOAD else [])
+    if _names != _expected:  # a schema that drifts from its dataclass is a bug here, not on the wire
+        raise TypeError(f"{_cls.__name__}: fields {_names} != schema {_expected}")
+
+
+# --------------------------------------------------------------------------- codec
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise MalformedMessage(f"msgpack ext type {code} is not allowed")
+
+
+def _unique_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise MalformedMessage("duplicate key in map")
+    return out
+
+
+def encode(msg: Message) -> list[bytes | memoryview]:
+    header = {"op": msg.OP, **_dump_fields(msg)}
+    frames: list[bytes | memoryview] = [msgpack.packb(header, use_bin_type=True)]
+    if msg.PAYLOAD:
+        frames.append(msg.payload)  # type: ignore[attr-defined]
+    return frames
+
+
+def decode(
+    frames: Sequence[bytes | memoryview | Any],
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    allowed: tuple[type[Message], ...] | None = None,
+) -> Message:
+    """Decode one message; `allowed` restricts which messages this endpoint accepts."""
+    if not frames:
+        raise MalformedMessage("no frames")
+    head = frames[0]
+    head_bytes = head.bytes if hasattr(head, "bytes") else bytes(head)
+    if len(head_bytes) > max_header_bytes:
+        raise MalformedMessage(f"header of {len(head_bytes)} bytes exceeds {max_header_bytes}")
+    try:
+        value = msgpack.unpackb(
+            head_bytes,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=_refuse_ext,
+            object_pairs_hook=_unique_pairs,
+        )
+    except MalformedMessage:
+        raise
+    except Exception as exc:  # msgpack raises a zoo of types on bad input: one error for all
+        raise MalformedMessage(f"header is not valid msgpack: {type(exc).__name__}") from None
+    if type(value) is not dict:
+        raise MalformedMessage("header is not a map")
+    op = value.get("op")
+    cls = MESSAGES.get(op) if type(op) is str else None
+    if cls is None or (allowed is not None and cls not in allowed):
+        raise MalformedMessage(f"unknown op {str(op)[:40]!r}")
+    expected_frames = 2 if cls.PAYLOAD else 1
+    if len(frames) != expected_frames:
+        raise MalformedMessage(f"{cls.OP}: expected {expected_frames} frames, got {len(frames)}")
+    msg: Message = _load_fields(cls, value, "header")
+    if cls.PAYLOAD:
+        payload = frames[1]
+        view = payload.buffer if hasattr(payload, "buffer") else memoryview(payload)
+        object.__setattr__(msg, "payload", view)
+    return msg
+
+
+def rid_of(frames: Sequence[bytes | memoryview | Any]) -> int:
+    """Best-effort request id of an undecodable request, so its error reply can be matched."""
+    try:
+        head = frames[0]
+        head_bytes = head.bytes if hasattr(head, "bytes") else bytes(head)
+        if len(head_bytes) > 65536:
+            return 0
+        value = msgpack.unpackb(head_bytes, raw=False)
+        rid = value.get("rid") if type(value) is dict else None
+        return rid if type(rid) is int and 0 <= rid <= MAX_RID else 0
+    except Exception:
+        return 0

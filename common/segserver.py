@@ -1,0 +1,140 @@
+"""SegmentServer: answers segment requests on a ROUTER that speaks the REQ/REP envelope.
+
+Downloaders use REQ sockets (one request in flight each, several sockets per source); a ROUTER
+here answers all of them from one thread, so a slow or vanished downloader never blocks the
+others. A request names a run of consecutive segments; the reply carries every segment of the run
+that the server holds *and has just verified*, concatenated in one payload frame, and lists the
+rest as `missing`. Verification before serving is what keeps a damaged disk from spreading: the
+reader (the broker's catalog or a peer's store) hashes every slice it sends.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import zmq
+
+from common import protocol
+from common.errors import MalformedMessage, WireCode
+from common.protocol import Error, SegmentData, SegmentRequest
+from common.ranges import Run
+from common.service import RateLimitedLog, ServiceThread, bind, make_socket
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_FRAME = 4096  # a segment request header is ~60 bytes
+_BATCH = 64  # requests handled per wake-up before polling again
+
+
+class SegmentReader(Protocol):
+    def read_run(self, file_id: bytes, first: int, count: int) -> tuple[bytes, list[Run]] | None:
+        """(present segments concatenated, missing runs), or None for an unknown file.
+
+        Raises ValueError when the run lies outside the file.
+        """
+
+
+class SegmentServer(ServiceThread):
+    def __init__(
+        self,
+        name: str,
+        context: zmq.Context[Any],
+        reader: SegmentReader,
+        host: str,
+        port: int,
+    ) -> None:
+        super().__init__(name, context)
+        self.reader = reader
+        self.host, self.port = host, port
+        self.requests = 0
+        self.segments_served = 0
+        self.bytes_served = 0
+        self.refused = 0
+        self.malformed = 0
+        self._bad_log = RateLimitedLog(log)
+        self._sock: zmq.Socket[Any] | None = None
+
+    def setup(self) -> None:
+        sock = make_socket(
+            self.context,
+            zmq.ROUTER,
+            maxmsgsize=MAX_REQUEST_FRAME,
+            router_mandatory=1,
+            sndhwm=64,
+            rcvhwm=1024,
+        )
+        self._sock = sock
+        self.port = bind(sock, self.host, self.port)
+        self.poller.register(sock, zmq.POLLIN)
+
+    def teardown(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+
+    def run_once(self, timeout_ms: int) -> None:
+        events = dict(self.poller.poll(timeout_ms))
+        sock = self._sock
+        if sock is None or sock not in events:
+            return
+        for _ in range(_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(sock, frames)
+
+    def _handle(self, sock: zmq.Socket[Any], frames: list[bytes]) -> None:
+        # REQ envelope: [routing id, empty delimiter, request frames...]
+        if len(frames) < 3 or frames[1] != b"":
+            self.malformed += 1
+            return  # not a REQ peer: nothing we can answer
+        envelope = frames[:2]
+        try:
+            request = protocol.decode(frames[2:], MAX_REQUEST_FRAME, allowed=(SegmentRequest,))
+            assert isinstance(request, SegmentRequest)
+            reply = self._serve(request)
+        except MalformedMessage as exc:
+            self.malformed += 1
+            self._bad_log.warning("%s: malformed segment request: %s", self.name, exc)
+            reply = Error(0, WireCode.MALFORMED, str(exc))
+        self._send(sock, envelope, reply)
+
+    def _serve(self, request: SegmentRequest) -> SegmentData | Error:
+        self.requests += 1
+        try:
+            found = self.reader.read_run(request.file_id, request.first, request.count)
+        except ValueError as exc:
+            self.refused += 1
+            return Error(0, WireCode.BAD_REQUEST, str(exc))
+        except Exception:
+            log.exception("%s: reading segments failed", self.name)
+            self.refused += 1
+            return Error(0, WireCode.INTERNAL, "read failed")
+        if found is None:
+            self.refused += 1
+            return Error(0, WireCode.NOT_HELD, "file not held")
+        payload, missing = found
+        missing_count = sum(c for _, c in missing)
+        if missing_count == request.count:
+            self.refused += 1
+            return Error(0, WireCode.NOT_HELD, "none of these segments is held")
+        self.segments_served += request.count - missing_count
+        self.bytes_served += len(payload)
+        return SegmentData(request.file_id, request.first, request.count, tuple(missing), payload)
+
+    def _send(self, sock: zmq.Socket[Any], envelope: list[bytes], reply: SegmentData | Error) -> None:
+        try:
+            sock.send_multipart(envelope + protocol.encode(reply), zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            # The downloader went away or is not reading: it will time out and ask elsewhere.
+            self._bad_log.warning("%s: reply dropped: %s", self.name, exc.strerror)
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "requests": self.requests,
+            "segments_served": self.segments_served,
+            "bytes_served": self.bytes_served,
+            "refused": self.refused,
+            "malformed": self.malformed,
+        }

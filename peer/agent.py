@@ -1,0 +1,776 @@
+"""Agent: the peer's I/O thread. It owns the DEALER to the broker, the heartbeat PUB, and every
+REQ lane used to fetch segments; nothing else touches them.
+
+Theory of operation
+-------------------
+Broker dialog. The agent registers with what the store holds, then publishes a heartbeat every
+interval the broker asked for. Requests carry a `rid`; replies are matched by it, and a request
+unanswered after `broker_timeout_s` fails. When nothing has come from the broker for a heartbeat
+expiry period the agent sends `ping`; a `pong` saying the peer is unknown (the broker restarted,
+or evicted it) or any `not_registered` error makes it register again with everything it holds.
+So a restarted broker relearns the swarm from the peers, without an operator.
+
+Downloads. `get` asks the broker for the manifest and a plan, then runs a `Download` (pure state)
+with up to `lanes_per_source` REQ sockets per source (fewer for the broker, as it says). A lane
+sends one run request and waits; its reply is verified segment by segment, the verified parts are
+written with `pwrite`, and they are reported to the broker in `have` batches every
+`have_flush_interval_s`, so this peer is a source for them at once. A lane whose reply does not
+come within `request_timeout_s` is closed (linger 0) and replaced: a REQ socket that lost its
+reply cannot send again (Lazy Pirate). Bad bytes and refusals are reported (`bad_source`). Every
+`replan_interval_s` a download still leaning on the broker asks for a fresh plan, to move to peers
+that gained segments meanwhile. On completion the last `have` is acknowledged before the file is
+moved to its final name and the future resolves: by then the broker knows this peer holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from common import protocol
+from common.errors import (
+    BrokerUnavailable,
+    IntegrityError,
+    MalformedMessage,
+    NoSourceLeft,
+    RemoteError,
+    StorageError,
+    TransferError,
+    WireCode,
+    ZswarmError,
+)
+from common.manifest import Manifest
+from common.protocol import (
+    BadSource,
+    Bye,
+    Error,
+    FileInfo,
+    Files,
+    Get,
+    Have,
+    Heartbeat,
+    Holding,
+    ListFiles,
+    Lost,
+    Message,
+    Ok,
+    Ping,
+    Pong,
+    Register,
+    Registered,
+    SegmentData,
+    SegmentRequest,
+    Stats,
+    StatsRequest,
+)
+from common.ranges import Run, SegmentSet
+from common.service import RateLimitedLog, ServiceThread, make_socket
+from peer.config import PeerConfig
+from peer.download import BROKER, Download
+from peer.store import Store
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+_MAX_REPLY_HEADER = 64 * 1024
+_PROGRESS_INTERVAL_S = 0.1
+
+
+@dataclass(frozen=True)
+class GetResult:
+    """What `Peer.get` returns."""
+
+    name: str
+    path: Path
+    size: int
+    file_id: str  # hex
+    seconds: float
+    segment_sources: list[str]  # for each segment: "broker", a peer's name, or "local"
+    sources: dict[str, int]  # source -> number of segments
+
+
+@dataclass
+class _Pending:
+    deadline: float
+    on_reply: Callable[[Message], None]
+    on_timeout: Callable[[], None]
+
+
+@dataclass
+class _Lane:
+    job: _Job
+    source: str
+    endpoint: str
+    sock: zmq.Socket[Any] | None = None
+    request: Run | None = None
+    deadline: float = 0.0
+
+
+@dataclass
+class _Job:
+    name: str
+    future: Future[GetResult]
+    progress: ProgressFn | None
+    started: float
+    deadline: float
+    manifest: Manifest | None = None
+    download: Download | None = None
+    fd: int = -1
+    lanes: dict[str, list[_Lane]] = field(default_factory=dict)
+    unflushed: SegmentSet = field(default_factory=SegmentSet)
+    last_flush: float = 0.0
+    next_replan: float = 0.0
+    replanning: bool = False
+    stuck_replans: int = 0
+    finishing: bool = False
+    origin_lanes: int = 1
+    last_progress: float = 0.0
+    fetched: int = 0
+
+
+class Agent(ServiceThread):
+    def __init__(self, config: PeerConfig, context: zmq.Context[Any], store: Store, serve_endpoint: Callable[[], str]) -> None:
+        super().__init__(f"zswarm-peer-{config.name}", context)
+        self.config = config
+        self.store = store
+        self.serve_endpoint = serve_endpoint
+        self.registered = False
+        self.session = 0
+        self.heartbeat_interval_s = 1.0
+        self.heartbeat_liveness = 3
+        self.heartbeat_endpoint: str | None = None
+        self.counts: dict[str, int] = {}
+        self.lost_reports: queue.SimpleQueue[tuple[bytes, list[Run]]] = queue.SimpleQueue()
+        self._dealer: zmq.Socket[Any] | None = None
+        self._pub: zmq.Socket[Any] | None = None
+        self._next_rid = 1
+        self._pending: dict[int, _Pending] = {}
+        self._registering = False
+        self._last_broker_reply = 0.0
+        self._ping_pending = False
+        self._next_heartbeat = 0.0
+        self._next_register = 0.0
+        self._jobs: dict[str, _Job] = {}
+        self._lanes_by_sock: dict[zmq.Socket[Any], _Lane] = {}
+        self._bad_log = RateLimitedLog(log)
+        self._broker_down_logged = False
+
+    # ---- sockets
+
+    def setup(self) -> None:
+        dealer = make_socket(self.context, zmq.DEALER, sndhwm=1000, rcvhwm=1000)
+        dealer.connect(self.config.broker)
+        self._dealer = dealer
+        self.poller.register(dealer, zmq.POLLIN)
+        self._pub = make_socket(self.context, zmq.PUB, sndhwm=10)
+        self._send_register(time.monotonic())
+
+    def teardown(self) -> None:
+        for job in list(self._jobs.values()):
+            self._fail(job, TransferError(f"peer closed while downloading {job.name}"))
+        for sock in (self._dealer, self._pub):
+            if sock is not None:
+                sock.close(linger=0)
+
+    # ---- the loop
+
+    def next_timeout_ms(self, now: float) -> int:
+        deadlines = [self._next_heartbeat if self.registered else self._next_register]
+        deadlines.extend(p.deadline for p in self._pending.values())
+        for lane in self._lanes_by_sock.values():
+            if lane.request is not None:
+                deadlines.append(lane.deadline)
+        for job in self._jobs.values():
+            deadlines.append(job.deadline)
+            if job.download is not None and not job.finishing:
+                if job.unflushed:
+                    deadlines.append(job.last_flush + self.config.have_flush_interval_s)
+                deadlines.append(job.next_replan)
+        if self.registered:
+            deadlines.append(self._last_broker_reply + self._broker_silence_s())
+        wait = min(deadlines) - now
+        return max(0, min(1000, int(wait * 1000) + 1))
+
+    def run_once(self, timeout_ms: int) -> None:
+        events = dict(self.poller.poll(timeout_ms))
+        if self._dealer is not None and self._dealer in events:
+            self._drain_broker(self._dealer)
+        for sock in [s for s in events if s in self._lanes_by_sock]:
+            self._on_lane_reply(self._lanes_by_sock[sock])
+        now = time.monotonic()
+        self._send_lost_reports()
+        self._tick_broker(now)
+        for job in list(self._jobs.values()):
+            self._tick_job(job, now)
+
+    # ---- broker requests
+
+    def _request(
+        self,
+        make: Callable[[int], Message],
+        on_reply: Callable[[Message], None],
+        on_timeout: Callable[[], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        rid = self._next_rid
+        self._next_rid = rid + 1 if rid < protocol.MAX_RID else 1
+        now = time.monotonic()
+        self._pending[rid] = _Pending(
+            now + (timeout_s or self.config.broker_timeout_s), on_reply, on_timeout or (lambda: None)
+        )
+        assert self._dealer is not None  # created in setup()
+        try:
+            self._dealer.send_multipart(protocol.encode(make(rid)), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # queue full while the broker is away: the request times out like a lost one
+
+    def _drain_broker(self, dealer: zmq.Socket[Any]) -> None:
+        while True:
+            try:
+                frames = dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = protocol.decode(frames)
+            except MalformedMessage as exc:
+                self._bad_log.warning("malformed reply from the broker: %s", exc)
+                continue
+            self._last_broker_reply = time.monotonic()
+            if self._broker_down_logged:
+                log.info("broker answers again")
+                self._broker_down_logged = False
+            pending = self._pending.pop(getattr(reply, "rid", -1), None)
+            if pending is None:
+                continue  # a reply that came after its request timed out
+            if isinstance(reply, Error) and reply.code == WireCode.NOT_REGISTERED:
+                self._lost_registration("the broker does not know this peer")
+            pending.on_reply(reply)
+
+    def _tick_broker(self, now: float) -> None:
+        for rid in [rid for rid, p in self._pending.items() if p.deadline <= now]:
+            self._pending.pop(rid).on_timeout()
+        if not self.registered:
+            if not self._registering and now >= self._next_register:
+                self._send_register(now)
+            return
+        if now >= self._next_heartbeat and self._pub is not None:
+            self._pub.send_multipart(protocol.encode(Heartbeat(self.config.name)), zmq.NOBLOCK)
+            self._next_heartbeat = now + self.heartbeat_interval_s
+        if not self._ping_pending and now - self._last_broker_reply >= self._broker_silence_s():
+            self._ping_pending = True
+            self._request(Ping, self._on_pong, self._on_ping_timeout)
+
+    def _broker_silence_s(self) -> float:
+        return self.heartbeat_interval_s * self.heartbeat_liveness
+
+    def _on_pong(self, reply: Message) -> None:
+        self._ping_pending = False
+        if isinstance(reply, Pong) and (not reply.known or reply.session != self.session):
+            self._lost_registration("the broker restarted or forgot this peer")
+
+    def _on_ping_timeout(self) -> None:
+        self._ping_pending = False
+        if not self._broker_down_logged:
+            log.warning("broker %s is not answering", self.config.broker)
+            self._broker_down_logged = True
+
+    def _lost_registration(self, why: str) -> None:
+        if self.registered:
+            log.warning("%s: registering again", why)
+        self.registered = False
+        if not self._registering:
+            self._send_register(time.monotonic())
+
+    def _send_register(self, now: float) -> None:
+        self._registering = True
+        self._next_register = now + self.config.broker_timeout_s
+        holdings = tuple(Holding(fid, tuple(runs)) for fid, runs in self.store.holdings())
+        endpoint = self.serve_endpoint()
+        self._request(
+            lambda rid: Register(rid, self.config.name, endpoint, holdings),
+            self._on_registered,
+            self._on_register_timeout,
+        )
+
+    def _on_registered(self, reply: Message) -> None:
+        self._registering = False
+        if not isinstance(reply, Registered):
+            log.error("registration refused: %s", getattr(reply, "message", reply))
+            self._next_register = time.monotonic() + self.config.broker_timeout_s
+            return
+        self.registered = True
+        self.session = reply.session
+        self.heartbeat_interval_s = reply.heartbeat_interval_s
+        self.heartbeat_liveness = reply.heartbeat_liveness
+        if reply.heartbeat_endpoint != self.heartbeat_endpoint and self._pub is not None:
+            if self.heartbeat_endpoint is not None:
+                self._pub.disconnect(self.heartbeat_endpoint)
+            self._pub.connect(reply.heartbeat_endpoint)
+            self.heartbeat_endpoint = reply.heartbeat_endpoint
+        self._next_heartbeat = 0.0
+        log.info("registered with the broker as %s", self.config.name)
+        for job in list(self._jobs.values()):
+            if job.manifest is None and not job.replanning:
+                self._ask_plan(job)
+
+    def _on_register_timeout(self) -> None:
+        self._registering = False
+        if not self._broker_down_logged:
+            log.warning("broker %s did not answer the registration; retrying", self.config.broker)
+            self._broker_down_logged = True
+
+    def _send_lost_reports(self) -> None:
+        while True:
+            try:
+                file_id, runs = self.lost_reports.get_nowait()
+            except queue.Empty:
+                return
+            if self.registered:
+                self._request(lambda rid, f=file_id, r=tuple(runs): Lost(rid, f, r), lambda _: None)
+
+    # ---- commands (run in this thread through call())
+
+    def start_get(self, name: str, future: Future[GetResult], timeout_s: float, progress: ProgressFn | None) -> None:
+        existing = self._jobs.get(name)
+        if existing is not None:
+            existing.future.add_done_callback(lambda f: _chain(f, future))
+            return
+        now = time.monotonic()
+        job = _Job(name, future, progress, now, now + timeout_s)
+        self._jobs[name] = job
+        if self.registered:
+            self._ask_plan(job)
+
+    def request_reply(self, make: Callable[[int], Message]) -> Future[Message]:
+        """Send one request to the broker; the future gets the reply or BrokerUnavailable."""
+        future: Future[Message] = Future()
+
+        def on_reply(reply: Message) -> None:
+            if isinstance(reply, Error):
+                future.set_exception(RemoteError.from_wire(reply.code, reply.message))
+            else:
+                future.set_result(reply)
+
+        def on_timeout() -> None:
+            future.set_exception(
+                BrokerUnavailable(f"broker {self.config.broker} did not answer within {self.config.broker_timeout_s} s")
+            )
+
+        self._request(make, on_reply, on_timeout)
+        return future
+
+    def list_files(self) -> Future[Message]:
+        return self.request_reply(ListFiles)
+
+    def broker_stats(self) -> Future[Message]:
+        return self.request_reply(StatsRequest)
+
+    def say_bye(self) -> Future[Message]:
+        self.registered = False
+        return self.request_reply(Bye)
+
+    def rescan(self) -> dict[bytes, int]:
+        held = self.store.scan()
+        self._send_register(time.monotonic())
+        return held
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.config.name,
+            "broker": self.config.broker,
+            "registered": self.registered,
+            "serving": self.serve_endpoint(),
+            "downloads": {
+                name: {
+                    "done": job.download.done if job.download else 0,
+                    "segments": job.download.segment_count if job.download else None,
+                    "seconds": round(time.monotonic() - job.started, 3),
+                }
+                for name, job in self._jobs.items()
+            },
+            "counts": dict(self.counts),
+        }
+
+    # ---- downloads
+
+    def _ask_plan(self, job: _Job) -> None:
+        job.replanning = True
+        known = job.manifest.file_id if job.manifest is not None else None
+        if known is None:
+            cached = self.store.manifest_named(job.name)
+            known = cached.file_id if cached is not None else None
+        self._request(
+            lambda rid: Get(rid, job.name, known),
+            lambda reply: self._on_plan(job, reply),
+            lambda: self._on_plan_timeout(job),
+        )
+
+    def _on_plan_timeout(self, job: _Job) -> None:
+        job.replanning = False
+        if job.download is None:
+            self._fail(job, BrokerUnavailable(f"broker {self.config.broker} did not answer within {self.config.broker_timeout_s} s"))
+        else:
+            job.next_replan = time.monotonic() + self.config.replan_interval_s
+
+    def _on_plan(self, job: _Job, reply: Message) -> None:
+        job.replanning = False
+        if self._jobs.get(job.name) is not job:
+            return
+        if isinstance(reply, Error):
+            if reply.code == WireCode.NOT_REGISTERED:
+                return  # re-registration is under way; the plan is asked again once registered
+            self._fail(job, RemoteError.from_wire(reply.code, reply.message))
+            return
+        if not isinstance(reply, FileInfo):
+            self._fail(job, MalformedMessage(f"unexpected reply {reply.OP} to get"))
+            return
+        try:
+            manifest = self._manifest_from(job, reply)
+        except ZswarmError as exc:
+            self._fail(job, exc)
+            return
+        now = time.monotonic()
+        if job.manifest is not None and manifest.file_id != job.manifest.file_id:
+            self._fail(job, TransferError(f"{job.name} changed on the broker during the download; retry"))
+            return
+        if job.download is None:
+            if not self._begin(job, manifest, reply):
+                return
+        assert job.download is not None
+        sources = [(s.name, s.endpoint, None if s.runs is None else SegmentSet(s.runs)) for s in reply.sources]
+        job.download.replan(sources, list(reply.plan))
+        job.origin_lanes = reply.origin_lanes
+        job.next_replan = now + self.config.replan_interval_s
+        self._check_stuck(job)
+
+    def _manifest_from(self, job: _Job, reply: FileInfo) -> Manifest:
+        if reply.digests is None:
+            cached = job.manifest or self.store.load_manifest(reply.file_id)
+            if cached is None or cached.file_id != reply.file_id:
+                raise TransferError("the broker omitted the manifest of a file this peer does not have")
+            return cached
+        manifest = Manifest(name=reply.name, size=reply.size, digests=reply.digests, segment_size=reply.segment_size)
+        problem = manifest.consistency_error()
+        if problem or manifest.file_id != reply.file_id:
+            raise IntegrityError(f"the broker sent an inconsistent manifest for {job.name}: {problem or 'file_id mismatch'}")
+        return manifest
+
+    def _begin(self, job: _Job, manifest: Manifest, reply: FileInfo) -> bool:
+        job.manifest = manifest
+        try:
+            same = self.store.entry(manifest.file_id)
+            if same is not None and same.complete and same.path.is_file():
+                # Same content already here (perhaps under another name): no transfer needed.
+                path = self.store.final_path(manifest)
+                if same.manifest.name != manifest.name:
+                    path = self.store.copy_complete(same, manifest)
+                self._resolve(job, path, ["local"] * manifest.segment_count)
+                return False
+            held = self.store.begin(manifest)
+            job.fd = self.store.open_for_write(manifest.file_id)
+        except StorageError as exc:
+            self._fail(job, exc)
+            return False
+        job.download = Download(manifest.segment_count, held, self.config.batch_segments)
+        job.last_flush = time.monotonic()
+        if held:
+            log.info("%s: resuming with %d of %d segments already verified", job.name, len(held), manifest.segment_count)
+        return True
+
+    def _check_stuck(self, job: _Job) -> None:
+        download = job.download
+        if download is None or not download.stuck:
+            return
+        if job.stuck_replans < 2 and not job.replanning:
+            # Sources ran out: a fresh plan may know new holders (or a restarted broker).
+            job.stuck_replans += 1
+            download.stuck.clear()
+            self._ask_plan(job)
+            return
+        if not job.replanning:
+            self._fail(job, NoSourceLeft(f"{job.name}: {len(download.stuck)} segments have no live source left; retry later"))
+
+    def _tick_job(self, job: _Job, now: float) -> None:
+        if now >= job.deadline and not job.future.done():
+            self._fail(job, TransferError(f"{job.name}: not finished within the timeout"))
+            return
+        download = job.download
+        if download is None or job.finishing:
+            return
+        for lane in [ln for lanes in job.lanes.values() for ln in lanes]:
+            if lane.request is not None and now >= lane.deadline:
+                self._on_lane_timeout(lane)
+        if job.unflushed and now - job.last_flush >= self.config.have_flush_interval_s:
+            self._flush_have(job, now)
+        if download.complete:
+            self._finish(job)
+            return
+        self._check_stuck(job)
+        if self._jobs.get(job.name) is not job:
+            return
+        if now >= job.next_replan and not job.replanning and self._leans_on_broker(download):
+            self._ask_plan(job)
+            job.next_replan = now + self.config.replan_interval_s
+        self._pump(job, now)
+
+    @staticmethod
+    def _leans_on_broker(download: Download) -> bool:
+        broker = download.sources.get(BROKER)
+        return broker is not None and bool(broker.queue)
+
+    def _pump(self, job: _Job, now: float) -> None:
+        download = job.download
+        assert download is not None
+        for source_name in download.sources_with_work():
+            source = download.sources[source_name]
+            limit = job.origin_lanes if source_name == BROKER else self.config.lanes_per_source
+            lanes = job.lanes.setdefault(source_name, [])
+            for lane in lanes:
+                if lane.request is None and lane.endpoint != source.endpoint:
+                    self._close_lane(lane)
+                    lane.endpoint = source.endpoint
+            while len(lanes) < limit:
+                lanes.append(_Lane(job, source_name, source.endpoint))
+            for lane in lanes[:limit]:
+                if lane.request is not None:
+                    continue
+                run = download.take(source_name)
+                if run is None:
+                    break
+                self._send_on_lane(job, lane, run, now)
+
+    def _send_on_lane(self, job: _Job, lane: _Lane, run: Run, now: float) -> None:
+        assert job.manifest is not None
+        if lane.sock is None:
+            lane.sock = make_socket(self.context, zmq.REQ, rcvhwm=4, sndhwm=4)
+            lane.sock.connect(lane.endpoint)
+            self.poller.register(lane.sock, zmq.POLLIN)
+            self._lanes_by_sock[lane.sock] = lane
+        lane.request = run
+        lane.deadline = now + self.config.request_timeout_s
+        try:
+            lane.sock.send_multipart(protocol.encode(SegmentRequest(job.manifest.file_id, run[0], run[1])), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # not connected yet and nothing queued: the lane times out and is replaced
+
+    def _close_lane(self, lane: _Lane) -> None:
+        if lane.sock is not None:
+            self.poller.unregister(lane.sock)
+            self._lanes_by_sock.pop(lane.sock, None)
+            lane.sock.close(linger=0)
+            lane.sock = None
+
+    def _on_lane_timeout(self, lane: _Lane) -> None:
+        job, run = lane.job, lane.request
+        assert run is not None and job.download is not None
+        lane.request = None
+        self._close_lane(lane)  # Lazy Pirate: a REQ that lost its reply cannot be reused
+        job.download.on_reply(lane.source)
+        job.download.on_failed(lane.source, run[0], run[1], timed_out=True)
+        self._count("lane_timeouts")
+        self._bad_log.warning("%s: no reply from %s within %.1f s; asking elsewhere", job.name, lane.source, self.config.request_timeout_s)
+
+    def _on_lane_reply(self, lane: _Lane) -> None:
+        job, run, sock = lane.job, lane.request, lane.sock
+        assert sock is not None
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        if run is None or job.download is None or job.manifest is None or job.finishing:
+            return
+        lane.request = None
+        download = job.download
+        download.on_reply(lane.source)
+        try:
+            reply = protocol.decode(frames, _MAX_REPLY_HEADER, allowed=(SegmentData, Error))
+        except MalformedMessage as exc:
+            self._bad_log.warning("%s: malformed reply from %s: %s", job.name, lane.source, exc)
+            download.on_failed(lane.source, run[0], run[1], timed_out=False)
+            self._report_bad(job, lane.source, [run], "malformed reply")
+            return
+        if isinstance(reply, Error):
+            if reply.code == WireCode.NOT_HELD:
+                download.on_refused(lane.source, [run])
+                self._report_bad(job, lane.source, [run], "refused")
+            else:
+                download.on_failed(lane.source, run[0], run[1], timed_out=False)
+            return
+        assert isinstance(reply, SegmentData)
+        self._accept_data(job, lane.source, run, reply)
+
+    def _accept_data(self, job: _Job, source: str, run: Run, reply: SegmentData) -> None:
+        download, manifest = job.download, job.manifest
+        assert download is not None and manifest is not None
+        first, count = run
+        if (reply.file_id, reply.first, reply.count) != (manifest.file_id, first, count):
+            download.on_failed(source, first, count, timed_out=False)
+            self._report_bad(job, source, [run], "reply does not match the request")
+            return
+        missing = SegmentSet(reply.missing)
+        present = SegmentSet([run])
+        present.difference_update(missing)
+        payload = memoryview(reply.payload)
+        expected = sum(manifest.run_length(f, c) for f, c in present.runs())
+        if len(payload) != expected:
+            download.on_failed(source, first, count, timed_out=False)
+            self._report_bad(job, source, [run], "payload length does not match")
+            return
+        if missing:
+            missing_runs = [(f, c) for f, c in missing.runs() if f >= first and f + c <= first + count]
+            download.on_refused(source, missing_runs)
+            self._report_bad(job, source, missing_runs, "refused")
+        offset = 0
+        bad: list[Run] = []
+        for run_first, run_count in present.runs():
+            length = manifest.run_length(run_first, run_count)
+            piece = payload[offset : offset + length]
+            offset += length
+            flags = manifest.verify_run(run_first, piece)
+            k = 0
+            while k < run_count:
+                j = k
+                while j < run_count and flags[j] == flags[k]:
+                    j += 1
+                sub_first, sub_count = run_first + k, j - k
+                if flags[k]:
+                    start = k * manifest.segment_size
+                    data = piece[start : start + manifest.run_length(sub_first, sub_count)]
+                    try:
+                        self.store.write_run(job.fd, manifest.file_id, sub_first, data)
+                    except StorageError as exc:
+                        self._fail(job, exc)
+                        return
+                    download.on_done(source, sub_first, sub_count)
+                    job.unflushed.add(sub_first, sub_count)
+                    job.fetched += sub_count
+                else:
+                    download.on_failed(source, sub_first, sub_count, timed_out=False)
+                    bad.append((sub_first, sub_count))
+                k = j
+        if bad:
+            self._count("segments_rejected", sum(c for _, c in bad))
+            self._bad_log.warning("%s: %d segments from %s failed verification; discarded", job.name, sum(c for _, c in bad), source)
+            self._report_bad(job, source, bad, "checksum mismatch")
+        self._progress(job, time.monotonic())
+
+    def _report_bad(self, job: _Job, source: str, runs: list[Run], reason: str) -> None:
+        if source == BROKER or not runs or job.manifest is None or not self.registered:
+            return
+        file_id = job.manifest.file_id
+        self._request(lambda rid: BadSource(rid, file_id, source, tuple(runs), reason), lambda _: None)
+
+    def _flush_have(self, job: _Job, now: float, on_ack: Callable[[Message | None], None] | None = None) -> None:
+        assert job.manifest is not None
+        runs = tuple(job.unflushed.runs())
+        job.unflushed = SegmentSet()
+        job.last_flush = now
+        if not runs and on_ack is None:
+            return
+        file_id = job.manifest.file_id
+        if not self.registered:
+            if on_ack is not None:
+                on_ack(None)  # the coming registration carries every held segment
+            return
+        self._request(
+            lambda rid: Have(rid, file_id, runs),
+            on_ack or (lambda _: None),
+            (lambda: on_ack(None)) if on_ack is not None else None,
+        )
+
+    def _progress(self, job: _Job, now: float, force: bool = False) -> None:
+        if job.progress is None or job.download is None:
+            return
+        if force or now - job.last_progress >= _PROGRESS_INTERVAL_S:
+            job.last_progress = now
+            try:
+                job.progress(job.download.done, job.download.segment_count)
+            except Exception:
+                log.exception("progress callback failed")
+
+    def _finish(self, job: _Job) -> None:
+        job.finishing = True
+        self._close_job_lanes(job)
+        self._flush_have(job, time.monotonic(), on_ack=lambda reply: self._finalize(job, reply))
+
+    def _finalize(self, job: _Job, ack: Message | None) -> None:
+        if self._jobs.get(job.name) is not job:
+            return
+        if not isinstance(ack, Ok):
+            log.warning("%s: the broker did not confirm the last segments; it learns them at registration", job.name)
+        assert job.manifest is not None and job.download is not None
+        try:
+            os.close(job.fd)
+            job.fd = -1
+            path = self.store.finish(job.manifest.file_id)
+        except StorageError as exc:
+            self._fail(job, exc)
+            return
+        self._progress(job, time.monotonic(), force=True)
+        self._resolve(job, path, [s or "local" for s in job.download.segment_sources])
+
+    def _resolve(self, job: _Job, path: Path, segment_sources: list[str]) -> None:
+        assert job.manifest is not None
+        self._drop_job(job)
+        counts: dict[str, int] = {}
+        for name in segment_sources:
+            counts[name] = counts.get(name, 0) + 1
+        result = GetResult(
+            name=job.manifest.name,
+            path=path,
+            size=job.manifest.size,
+            file_id=job.manifest.file_id.hex(),
+            seconds=time.monotonic() - job.started,
+            segment_sources=segment_sources,
+            sources=counts,
+        )
+        log.info("%s: done in %.2f s from %s", job.name, result.seconds, counts)
+        if not job.future.done():
+            job.future.set_result(result)
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        self._drop_job(job)
+        log.warning("%s: download failed: %s", job.name, exc)
+        if job.unflushed and job.manifest is not None and self.registered:
+            self._flush_have(job, time.monotonic())
+        if not job.future.done():
+            job.future.set_exception(exc)
+
+    def _drop_job(self, job: _Job) -> None:
+        if self._jobs.get(job.name) is job:
+            del self._jobs[job.name]
+        self._close_job_lanes(job)
+        if job.fd >= 0:
+            os.close(job.fd)
+            job.fd = -1
+
+    def _close_job_lanes(self, job: _Job) -> None:
+        for lanes in job.lanes.values():
+            for lane in lanes:
+                self._close_lane(lane)
+        job.lanes.clear()
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+
+def _chain(source: Future[GetResult], target: Future[GetResult]) -> None:
+    if target.done():
+        return
+    exc = source.exception()
+    if exc is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())
+
+
+__all__ = ["Agent", "GetResult", "Files", "Stats"]

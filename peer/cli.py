@@ -1,0 +1,181 @@
+"""zswarm-peer: run a peer from a YAML config.
+
+    zswarm-peer -c peer.yaml              a prompt: get NAME, ls, remote, status, rescan, quit
+    zswarm-peer -c peer.yaml get NAME     download one file and exit (progress bar on a terminal)
+    zswarm-peer -c peer.yaml serve        serve what it holds until Ctrl-C / SIGTERM
+
+With --json, the prompt prints no prompt text and answers every command with one JSON line
+(`{"ok": true, "cmd": ..., "result": ...}` or `{"ok": false, "cmd": ..., "error": ...}`); this is
+how scripts and the tests drive peer processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from common.cli import EXIT_FAILURE, run_guarded, setup_logging, stop_event_on_signals
+from common.errors import ZswarmError
+from peer.agent import GetResult
+from peer.config import PeerConfig
+from peer.service import Peer
+
+HELP = """commands:
+  get NAME     download NAME from the swarm
+  ls           files held here (complete and partial)
+  remote       files the broker shares
+  status       this peer's state and counters
+  rescan       verify the data folder again and re-register what verifies
+  quit         leave (also Ctrl-D)"""
+
+
+def result_dict(result: GetResult) -> dict[str, Any]:
+    data = asdict(result)
+    data["path"] = str(result.path)
+    data["seconds"] = round(result.seconds, 4)
+    return data
+
+
+def describe_result(result: GetResult) -> str:
+    sources = ", ".join(f"{name}: {n}" for name, n in sorted(result.sources.items()))
+    return f"{result.name}: {result.size} bytes in {result.seconds:.2f} s -> {result.path} (segments from {sources})"
+
+
+def _progress_bar(name: str) -> tuple[Any, Any]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="seg", desc=name, file=sys.stderr, leave=True)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return bar, update
+
+
+def run_get(peer: Peer, name: str, timeout: float) -> int:
+    bar, update = _progress_bar(name) if sys.stderr.isatty() else (None, None)
+    try:
+        result = peer.get(name, timeout=timeout, progress=update)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(describe_result(result), flush=True)
+    return 0
+
+
+def execute(peer: Peer, words: list[str]) -> Any:
+    command, args = words[0].lower(), words[1:]
+    if command == "get":
+        if len(args) != 1:
+            raise ValueError("usage: get NAME")
+        return peer.get(args[0])
+    if command == "ls":
+        return peer.files()
+    if command == "remote":
+        return [{"name": f.name, "size": f.size, "file_id": f.file_id.hex()} for f in peer.list_remote()]
+    if command == "status":
+        return peer.status()
+    if command == "rescan":
+        return peer.rescan()
+    if command in ("help", "?"):
+        return HELP
+    raise ValueError(f"unknown command {command!r} (try: help)")
+
+
+def render(command: str, result: Any) -> str:
+    if isinstance(result, GetResult):
+        return describe_result(result)
+    if command == "ls" and isinstance(result, list):
+        lines = []
+        for f in result:
+            state = "complete" if f["complete"] else "{}/{} segments".format(f["held"], f["segments"])
+            lines.append(f"{f['name']:<40} {f['size']:>12} bytes  {state}")
+        return "\n".join(lines) or "(nothing held)"
+    if command == "remote" and isinstance(result, list):
+        return "\n".join(f"{f['name']:<40} {f['size']:>12} bytes" for f in result) or "(no files)"
+    if isinstance(result, str):
+        return result
+    return json.dumps(result, indent=2, default=str)
+
+
+def run_prompt(peer: Peer, as_json: bool) -> int:
+    interactive = sys.stdin.isatty() and not as_json
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history at the prompt)
+        except ImportError:
+            pass
+        print(f"peer {peer.name} serving at {peer.serve_endpoint}; 'help' lists commands", flush=True)
+    else:
+        print(json.dumps({"event": "ready", "name": peer.name, "serve": peer.serve_endpoint}), flush=True)
+    while True:
+        try:
+            line = input("zswarm> " if interactive else "")
+        except EOFError:
+            return 0
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            words, error = [], str(exc)
+        else:
+            error = ""
+        if not words and not error:
+            continue
+        command = words[0].lower() if words else ""
+        if command in ("quit", "exit"):
+            return 0
+        try:
+            if error:
+                raise ValueError(error)
+            result = execute(peer, words)
+        except (ZswarmError, ValueError, TimeoutError) as exc:
+            if as_json:
+                print(json.dumps({"ok": False, "cmd": command, "error": str(exc), "type": type(exc).__name__}), flush=True)
+            else:
+                print(f"error: {exc}", flush=True)
+            continue
+        if as_json:
+            payload = result_dict(result) if isinstance(result, GetResult) else result
+            print(json.dumps({"ok": True, "cmd": command, "result": payload}, default=str), flush=True)
+        else:
+            print(render(command, result), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zswarm-peer", description="Run a zswarm peer.")
+    parser.add_argument("-c", "--config", required=True, help="peer YAML config")
+    parser.add_argument("--log-level", help="override the config's log_level")
+    parser.add_argument("--json", action="store_true", help="answer prompt commands as JSON lines")
+    sub = parser.add_subparsers(dest="command")
+    get = sub.add_parser("get", help="download one file and exit")
+    get.add_argument("name")
+    get.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
+    sub.add_parser("serve", help="serve until Ctrl-C or SIGTERM")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        config = PeerConfig.from_yaml(args.config)
+        setup_logging(args.log_level or config.log_level)
+        with Peer(config) as peer:
+            if args.command == "get":
+                try:
+                    return run_get(peer, args.name, args.timeout)
+                except ZswarmError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return EXIT_FAILURE
+            if args.command == "serve":
+                stop = stop_event_on_signals()
+                print(json.dumps({"event": "ready", "name": peer.name, "serve": peer.serve_endpoint}), flush=True)
+                while not stop.wait(0.5):
+                    pass
+                return 0
+            return run_prompt(peer, args.json)
+
+    return run_guarded(body)

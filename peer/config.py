@@ -1,0 +1,34 @@
+"""PeerConfig: what a peer YAML file may say (the same names as the Python API)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from common.config import ConfigModel
+from common.protocol import ENDPOINT_PATTERN, NAME_PATTERN
+
+
+class PeerConfig(ConfigModel):
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data_dir",)
+
+    name: str = Field(pattern=NAME_PATTERN.pattern)
+    broker: str = Field(pattern=ENDPOINT_PATTERN.pattern)  # the broker's tracker endpoint
+    data_dir: str = Field(min_length=1)
+    bind_host: str = "127.0.0.1"
+    advertise_host: str | None = None  # host other peers use to reach this one; default: bind_host
+    serve_port: int = Field(default=0, ge=0, le=65535)  # 0: any free port
+    batch_segments: int = Field(default=64, ge=1, le=1024)  # segments per request (one frame)
+    lanes_per_source: int = Field(default=2, ge=1, le=32)  # requests in flight per source
+    request_timeout_s: float = Field(default=2.0, gt=0.0, le=600.0)
+    broker_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
+    have_flush_interval_s: float = Field(default=0.1, ge=0.0, le=60.0)
+    replan_interval_s: float = Field(default=1.0, gt=0.0, le=600.0)
+    log_level: str = "INFO"
+
+    @property
+    def public_host(self) -> str:
+        if self.advertise_host:
+            return self.advertise_host
+        return "127.0.0.1" if self.bind_host in ("0.0.0.0", "*", "") else self.bind_host

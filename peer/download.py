@@ -1,0 +1,254 @@
+"""Download: the state of one file being fetched. Pure: no sockets, no disk, no clock.
+
+Theory of operation
+-------------------
+Every segment is MISSING, PENDING (asked of a source, reply not yet in) or DONE (verified and
+written). The broker's plan gives each source a queue of runs in fetch order; `take(source)` pops
+the next run of that queue, trimmed to segments still MISSING and cut to `batch` segments, and
+marks it PENDING. The shell sends it and later reports the outcome:
+
+- `on_done(source, first, count)`     the run's segments verified and were written
+- `on_refused(source, runs)`          the source said it lacks these segments
+- `on_failed(source, first, count)`   bad bytes, or no reply in time (the source is suspect)
+
+Refused and failed segments go back to MISSING and are queued at the next source that holds them
+and has not failed them: live peers first (the least busy one), the broker last. A source that
+times out `dead_after` times in a row is dropped for this download, and everything queued on it
+moves on. When a segment has no source left, `stuck` is set and the shell fails the download
+(a retry asks the broker for a fresh plan).
+
+`replan(sources, plan)` replaces the queues with a fresh plan from the broker (peers that gained
+segments since), keeping PENDING and DONE segments as they are.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from common.ranges import Run, SegmentSet
+
+BROKER = "broker"
+
+
+class SegmentState(enum.IntEnum):
+    MISSING = 0
+    PENDING = 1
+    DONE = 2
+
+
+@dataclass
+class SourceState:
+    name: str
+    endpoint: str
+    holds: SegmentSet | None  # None: every segment
+    queue: deque[Run] = field(default_factory=deque)
+    timeouts_in_a_row: int = 0
+    dead: bool = False
+    in_flight: int = 0
+
+    def has(self, index: int) -> bool:
+        return self.holds is None or index in self.holds
+
+    def queued_segments(self) -> int:
+        return sum(c for _, c in self.queue)
+
+
+class Download:
+    def __init__(
+        self,
+        segment_count: int,
+        held: SegmentSet,
+        batch: int,
+        dead_after: int = 2,
+    ) -> None:
+        self.segment_count = segment_count
+        self.batch = batch
+        self.dead_after = dead_after
+        self.state = bytearray(segment_count)
+        self.segment_sources: list[str | None] = [None] * segment_count
+        self.sources: dict[str, SourceState] = {}
+        self.excluded: dict[int, set[str]] = {}  # segment -> sources that failed or refused it
+        self.done = 0
+        self.stuck: list[int] = []
+        for first, count in held.runs():
+            for i in range(first, first + count):
+                self.state[i] = SegmentState.DONE
+                self.segment_sources[i] = "local"
+            self.done += count
+
+    # ---- plans
+
+    def replan(self, sources: list[tuple[str, str, SegmentSet | None]], plan: list[tuple[int, int, int]]) -> None:
+        """Adopt a plan: sources as (name, endpoint, holdings or None) and (first, count, source)."""
+        known = self.sources
+        fresh: dict[str, SourceState] = {}
+        for name, endpoint, holds in sources:
+            old = known.get(name)
+            state = SourceState(name, endpoint, holds)
+            if old is not None:
+                state.timeouts_in_a_row, state.dead = old.timeouts_in_a_row, old.dead
+                state.in_flight = old.in_flight
+            fresh[name] = state
+        for name, old in known.items():  # sources with requests in flight stay until they answer
+            if name not in fresh and old.in_flight:
+                old.queue.clear()
+                fresh[name] = old
+        self.sources = fresh
+        for first, count, index in plan:
+            if not 0 <= index < len(sources) or first + count > self.segment_count:
+                continue
+            target = self.sources[sources[index][0]]
+            for run in self._missing_runs(first, count):
+                target.queue.append(run)
+        self._queue_orphans()
+
+    def _missing_runs(self, first: int, count: int) -> list[Run]:
+        out: list[Run] = []
+        i, end = first, first + count
+        state = self.state
+        while i < end:
+            if state[i] != SegmentState.MISSING:
+                i += 1
+                continue
+            j = i
+            while j < end and state[j] == SegmentState.MISSING:
+                j += 1
+            out.append((i, j - i))
+            i = j
+        return out
+
+    def _queue_orphans(self) -> None:
+        """MISSING segments that no queue names (not in the plan) go to a source that has them."""
+        queued = bytearray(self.segment_count)
+        for source in self.sources.values():
+            for first, count in source.queue:
+                queued[first : first + count] = b"\x01" * count
+        for i in range(self.segment_count):
+            if self.state[i] == SegmentState.MISSING and not queued[i]:
+                self._requeue(i)
+
+    # ---- taking work
+
+    def take(self, source_name: str) -> Run | None:
+        """The next run to ask of this source (marked PENDING), or None."""
+        source = self.sources.get(source_name)
+        if source is None or source.dead:
+            return None
+        queue = source.queue
+        while queue:
+            first, count = queue.popleft()
+            runs = self._missing_runs(first, count)
+            if not runs:
+                continue
+            head_first, head_count = runs[0]
+            take = min(head_count, self.batch)
+            rest = [(head_first + take, head_count - take)] if head_count > take else []
+            for run in reversed(rest + runs[1:]):
+                queue.appendleft(run)
+            self.state[head_first : head_first + take] = bytes([SegmentState.PENDING]) * take
+            source.in_flight += 1
+            return head_first, take
+        return None
+
+    def sources_with_work(self) -> list[str]:
+        return [s.name for s in self.sources.values() if s.queue and not s.dead]
+
+    # ---- outcomes
+
+    def on_done(self, source_name: str, first: int, count: int) -> None:
+        """Segments of a run verified and written (may be a part of the run asked for)."""
+        for i in range(first, first + count):
+            if self.state[i] != SegmentState.DONE:
+                self.state[i] = SegmentState.DONE
+                self.segment_sources[i] = source_name
+                self.done += 1
+        source = self.sources.get(source_name)
+        if source is not None:
+            source.timeouts_in_a_row = 0
+
+    def on_reply(self, source_name: str) -> None:
+        """A request to this source ended (whatever its outcome)."""
+        source = self.sources.get(source_name)
+        if source is not None and source.in_flight > 0:
+            source.in_flight -= 1
+
+    def on_refused(self, source_name: str, runs: list[Run]) -> None:
+        for first, count in runs:
+            for i in range(first, first + count):
+                self._retry_elsewhere(i, source_name)
+        source = self.sources.get(source_name)
+        if source is not None and source.holds is not None:
+            for first, count in runs:
+                source.holds.remove(first, count)
+
+    def on_failed(self, source_name: str, first: int, count: int, timed_out: bool) -> None:
+        source = self.sources.get(source_name)
+        if source is not None and timed_out:
+            source.timeouts_in_a_row += 1
+            if source.timeouts_in_a_row >= self.dead_after:
+                self.mark_dead(source_name)
+        for i in range(first, first + count):
+            self._retry_elsewhere(i, source_name)
+
+    def mark_dead(self, source_name: str) -> None:
+        source = self.sources.get(source_name)
+        if source is None or source.dead:
+            return
+        source.dead = True
+        queued, source.queue = list(source.queue), deque()
+        for first, count in queued:
+            for i in range(first, first + count):
+                if self.state[i] == SegmentState.MISSING:
+                    self._requeue(i)
+
+    def _retry_elsewhere(self, index: int, failed_source: str) -> None:
+        if self.state[index] == SegmentState.DONE:
+            return
+        self.state[index] = SegmentState.MISSING
+        self.excluded.setdefault(index, set()).add(failed_source)
+        self._requeue(index)
+
+    def _requeue(self, index: int) -> None:
+        """Queue a MISSING segment at the best source left: a peer, then the broker."""
+        excluded = self.excluded.get(index, set())
+        peers = [
+            s
+            for s in self.sources.values()
+            if s.name != BROKER and not s.dead and s.name not in excluded and s.has(index)
+        ]
+        if peers:
+            target = min(peers, key=lambda s: s.queued_segments() + s.in_flight * self.batch)
+        else:
+            broker = self.sources.get(BROKER)
+            if broker is None or broker.dead or BROKER in excluded:
+                self.stuck.append(index)
+                return
+            target = broker
+        queue = target.queue
+        if queue and queue[-1][0] + queue[-1][1] == index:
+            last_first, last_count = queue.pop()
+            queue.append((last_first, last_count + 1))
+        else:
+            queue.append((index, 1))
+
+    # ---- progress
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.segment_count
+
+    def missing(self) -> SegmentSet:
+        out = SegmentSet()
+        for i, s in enumerate(self.state):
+            if s != SegmentState.DONE:
+                out.add(i, 1)
+        return out
+
+    def source_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for name in self.segment_sources:
+            if name is not None:
+                counts[name] = counts.get(name, 0) + 1
+        return counts

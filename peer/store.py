@@ -1,0 +1,349 @@
+"""Store: a peer's files on disk, what it holds of each, and verified reads and writes.
+
+Layout of `data_dir`:
+
+    <name>                                   complete, verified files (subfolders kept)
+    .zswarm/manifests/<file_id hex>.manifest the manifest of every file held or being fetched
+    .zswarm/partial/<file_id hex>.part       downloads in progress (sparse, segment-aligned)
+
+A file appears under its name only when every segment verified (`os.replace` from the partial
+file, same filesystem). A segment counts as held only after its verified bytes were written
+without error, so a full disk never leaves a segment that is claimed but absent.
+
+Nothing on disk is trusted: `scan()` hashes every held file and partial file against its manifest
+at start (and on rescan), and `read_run()` verifies every slice before it is served. A slice that
+no longer verifies is dropped from the holdings and handed to `on_lost`, so the owner can tell the
+broker. The store is shared by the peer's agent thread, its server thread and API callers: state
+changes happen under one lock, file I/O outside it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+from common.errors import DiskFull, StorageError
+from common.manifest import SEGMENT_SIZE, Manifest
+from common.ranges import Run, SegmentSet
+
+log = logging.getLogger(__name__)
+
+META_DIR = ".zswarm"
+_FORMAT = 1
+
+
+@dataclass
+class Entry:
+    manifest: Manifest
+    held: SegmentSet
+    path: Path  # the partial file until complete, then the final file
+
+    @property
+    def complete(self) -> bool:
+        return len(self.held) == self.manifest.segment_count
+
+
+class Store:
+    def __init__(self, data_dir: Path, on_lost: Callable[[bytes, list[Run]], None] | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.meta_dir = self.data_dir / META_DIR
+        self.manifest_dir = self.meta_dir / "manifests"
+        self.partial_dir = self.meta_dir / "partial"
+        self.on_lost = on_lost
+        self._lock = threading.Lock()
+        self._entries: dict[bytes, Entry] = {}
+        for folder in (self.data_dir, self.manifest_dir, self.partial_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    # ---- paths
+
+    def final_path(self, manifest: Manifest) -> Path:
+        return self.data_dir.joinpath(*manifest.name.split("/"))
+
+    def partial_path(self, manifest: Manifest) -> Path:
+        return self.partial_dir / f"{manifest.file_id.hex()}.part"
+
+    def _manifest_path(self, file_id: bytes) -> Path:
+        return self.manifest_dir / f"{file_id.hex()}.manifest"
+
+    # ---- manifests
+
+    def save_manifest(self, manifest: Manifest) -> None:
+        target = self._manifest_path(manifest.file_id)
+        if target.exists():
+            return
+        data = msgpack.packb(
+            {"format": _FORMAT, "name": manifest.name, "size": manifest.size, "digests": manifest.digests},
+            use_bin_type=True,
+        )
+        tmp = target.with_suffix(".tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise _storage_error(exc, f"cannot save the manifest of {manifest.name}") from None
+
+    def load_manifest(self, file_id: bytes) -> Manifest | None:
+        try:
+            data = msgpack.unpackb(self._manifest_path(file_id).read_bytes(), raw=False)
+            manifest = Manifest(name=data["name"], size=data["size"], digests=data["digests"])
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            log.warning("ignoring damaged manifest %s: %s", file_id.hex()[:16], exc)
+            return None
+        if manifest.file_id != file_id or manifest.consistency_error():
+            log.warning("ignoring inconsistent manifest %s", file_id.hex()[:16])
+            return None
+        return manifest
+
+    def _cached_manifests(self) -> list[Manifest]:
+        found: list[Manifest] = []
+        for path in sorted(self.manifest_dir.glob("*.manifest")):
+            try:
+                file_id = bytes.fromhex(path.stem)
+            except ValueError:
+                continue
+            manifest = self.load_manifest(file_id)
+            if manifest is not None:
+                found.append(manifest)
+        return found
+
+    # ---- scanning
+
+    def scan(self) -> dict[bytes, int]:
+        """Verify everything on disk against the cached manifests; returns segments held per file."""
+        entries: dict[bytes, Entry] = {}
+        for manifest in self._cached_manifests():
+            final = self.final_path(manifest)
+            partial = self.partial_path(manifest)
+            held = self._verify_file(manifest, final) if final.is_file() else SegmentSet()
+            path = final
+            if len(held) < manifest.segment_count and partial.is_file():
+                from_partial = self._verify_file(manifest, partial)
+                if len(from_partial) > len(held):
+                    held, path = from_partial, partial
+            if manifest.segment_count == 0 and final.is_file():
+                path = final
+            elif not held and not partial.is_file():
+                continue
+            entries[manifest.file_id] = Entry(manifest, held, path)
+        with self._lock:
+            self._entries = entries
+        return {fid: len(e.held) for fid, e in entries.items()}
+
+    @staticmethod
+    def _verify_file(manifest: Manifest, path: Path) -> SegmentSet:
+        held = SegmentSet()
+        chunk_segments = 64
+        try:
+            with open(path, "rb", buffering=0) as f:
+                fd = f.fileno()
+                for first in range(0, manifest.segment_count, chunk_segments):
+                    count = min(chunk_segments, manifest.segment_count - first)
+                    data = os.pread(fd, manifest.run_length(first, count), first * SEGMENT_SIZE)
+                    for k, ok in enumerate(manifest.verify_run(first, data)):
+                        if ok:
+                            held.add(first + k, 1)
+        except OSError as exc:
+            log.warning("cannot verify %s: %s", path, exc.strerror)
+        return held
+
+    # ---- queries
+
+    def entry(self, file_id: bytes) -> Entry | None:
+        with self._lock:
+            return self._entries.get(file_id)
+
+    def complete_entry_named(self, name: str) -> Entry | None:
+        with self._lock:
+            for entry in self._entries.values():
+                if entry.manifest.name == name and entry.complete:
+                    return entry
+        return None
+
+    def manifest_named(self, name: str) -> Manifest | None:
+        with self._lock:
+            for entry in self._entries.values():
+                if entry.manifest.name == name:
+                    return entry.manifest
+        return None
+
+    def holdings(self) -> list[tuple[bytes, list[Run]]]:
+        with self._lock:
+            return [(fid, e.held.runs()) for fid, e in self._entries.items() if e.held]
+
+    def held_copy(self, file_id: bytes) -> SegmentSet:
+        with self._lock:
+            entry = self._entries.get(file_id)
+            return entry.held.copy() if entry else SegmentSet()
+
+    def files(self) -> list[dict[str, object]]:
+        with self._lock:
+            return [
+                {
+                    "name": e.manifest.name,
+                    "size": e.manifest.size,
+                    "file_id": e.manifest.file_id.hex(),
+                    "segments": e.manifest.segment_count,
+                    "held": len(e.held),
+                    "complete": e.complete,
+                }
+                for e in sorted(self._entries.values(), key=lambda e: e.manifest.name)
+            ]
+
+    # ---- downloading
+
+    def begin(self, manifest: Manifest) -> SegmentSet:
+        """Prepare to download; returns the segments already held (a resumed download)."""
+        with self._lock:
+            entry = self._entries.get(manifest.file_id)
+            if entry is not None and entry.path.is_file():
+                return entry.held.copy()
+            self._entries.pop(manifest.file_id, None)  # its file vanished: start over
+        self.save_manifest(manifest)
+        partial = self.partial_path(manifest)
+        held = self._verify_file(manifest, partial) if partial.exists() else SegmentSet()
+        try:
+            with open(partial, "ab") as f:
+                if f.tell() < manifest.size:
+                    f.truncate(manifest.size)  # sparse: space is taken as segments arrive
+        except OSError as exc:
+            raise _storage_error(exc, f"cannot create {partial}") from None
+        with self._lock:
+            entry = self._entries.setdefault(manifest.file_id, Entry(manifest, held, partial))
+            return entry.held.copy()
+
+    def open_for_write(self, file_id: bytes) -> int:
+        entry = self.entry(file_id)
+        if entry is None:
+            raise StorageError("no download in progress for this file")
+        try:
+            return os.open(entry.path, os.O_WRONLY)
+        except OSError as exc:
+            raise _storage_error(exc, f"cannot open {entry.path}") from None
+
+    def write_run(self, fd: int, file_id: bytes, first: int, data: memoryview) -> None:
+        """Write verified consecutive segments, then count them as held."""
+        try:
+            written = os.pwrite(fd, data, first * SEGMENT_SIZE)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+        except OSError as exc:
+            raise _storage_error(exc, "cannot write segments") from None
+        count = (len(data) + SEGMENT_SIZE - 1) // SEGMENT_SIZE
+        with self._lock:
+            entry = self._entries.get(file_id)
+            if entry is not None:
+                entry.held.add(first, count)
+
+    def finish(self, file_id: bytes) -> Path:
+        """Move a complete download to its final name."""
+        entry = self.entry(file_id)
+        if entry is None or not entry.complete:
+            raise StorageError("download is not complete")
+        final = self.final_path(entry.manifest)
+        if entry.path == final:
+            return final
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if entry.manifest.size == 0:
+                final.write_bytes(b"")
+                entry.path.unlink(missing_ok=True)
+            else:
+                os.replace(entry.path, final)
+        except OSError as exc:
+            raise _storage_error(exc, f"cannot move the download to {final}") from None
+        with self._lock:
+            entry.path = final
+        return final
+
+    def copy_complete(self, source: Entry, manifest: Manifest) -> Path:
+        """The same content under another name: copy it locally instead of downloading it."""
+        final = self.final_path(manifest)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.path, final)
+        except OSError as exc:
+            raise _storage_error(exc, f"cannot copy to {final}") from None
+        return final
+
+    # ---- serving (SegmentReader)
+
+    def read_run(self, file_id: bytes, first: int, count: int) -> tuple[bytes, list[Run]] | None:
+        with self._lock:
+            entry = self._entries.get(file_id)
+            if entry is None:
+                return None
+            manifest, path = entry.manifest, entry.path
+            wanted = entry.held.intersect_run(first, count)
+        if first + count > manifest.segment_count:
+            raise ValueError(f"segments [{first}, {first + count}) beyond {manifest.segment_count}")
+        parts: list[bytes] = []
+        present = SegmentSet()
+        lost: list[Run] = []
+        for run_first, run_count in wanted:
+            data = self._pread(path, file_id, manifest, run_first, run_count)
+            flags = manifest.verify_run(run_first, data)
+            flags += [False] * (run_count - len(flags))
+            k = 0
+            while k < run_count:
+                j = k
+                while j < run_count and flags[j] == flags[k]:
+                    j += 1
+                if flags[k]:
+                    start = k * SEGMENT_SIZE
+                    parts.append(data[start : start + manifest.run_length(run_first + k, j - k)])
+                    present.add(run_first + k, j - k)
+                else:
+                    lost.append((run_first + k, j - k))
+                k = j
+        if lost:
+            with self._lock:
+                entry = self._entries.get(file_id)
+                if entry is not None:
+                    for lost_first, lost_count in lost:
+                        entry.held.remove(lost_first, lost_count)
+            log.warning(
+                "%d segments of %s failed verification on disk: no longer served",
+                sum(c for _, c in lost),
+                manifest.name,
+            )
+            if self.on_lost is not None:
+                self.on_lost(file_id, lost)
+        return b"".join(parts), present.missing_in_run(first, count)
+
+    def _pread(self, path: Path, file_id: bytes, manifest: Manifest, first: int, count: int) -> bytes:
+        for attempt in range(2):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                # The download may have just been moved to its final name: look once more.
+                entry = self.entry(file_id)
+                if attempt or entry is None or entry.path == path:
+                    return b""
+                path = entry.path
+                continue
+            except OSError:
+                return b""
+            try:
+                return os.pread(fd, manifest.run_length(first, count), first * SEGMENT_SIZE)
+            except OSError:
+                return b""
+            finally:
+                os.close(fd)
+        return b""
+
+
+def _storage_error(exc: OSError, what: str) -> StorageError:
+    if exc.errno == errno.ENOSPC:
+        return DiskFull(f"{what}: no space left on device")
+    return StorageError(f"{what}: {exc.strerror or exc}")
