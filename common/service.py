@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import zmq
 
-from common.errors import ClosedError
+from common.errors import ClosedError, ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -183,7 +183,11 @@ def make_socket(context: zmq.Context[Any], kind: int, **options: Any) -> zmq.Soc
 
 def bind(sock: zmq.Socket[Any], host: str, port: int) -> int:
     """Bind to tcp://host:port (port 0: any free port) and return the port bound."""
-    sock.bind(endpoint(host, port) if port else endpoint(host, 0).rsplit(":", 1)[0] + ":*")
+    address = endpoint(host, port) if port else endpoint(host, 0).rsplit(":", 1)[0] + ":*"
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        raise ConfigError(f"cannot bind {address}: {exc.strerror}") from None
     bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
     return int(bound.rsplit(":", 1)[1])
 

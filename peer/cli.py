@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
 from dataclasses import asdict
+from types import FrameType
 from typing import Any
 
 from common.cli import EXIT_FAILURE, run_guarded, setup_logging, stop_event_on_signals
@@ -148,6 +150,10 @@ def run_prompt(peer: Peer, as_json: bool) -> int:
             print(render(command, result), flush=True)
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zswarm-peer", description="Run a zswarm peer.")
     parser.add_argument("-c", "--config", required=True, help="peer YAML config")
@@ -176,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 while not stop.wait(0.5):
                     pass
                 return 0
+            signal.signal(signal.SIGTERM, _interrupt)  # leave through close(): bye, clean stop
             return run_prompt(peer, args.json)
 
     return run_guarded(body)
