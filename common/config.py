@@ -8,6 +8,7 @@ whatever the current directory is.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -45,7 +46,7 @@ class ConfigModel(BaseModel):
         for key in cls.PATH_FIELDS:
             value = data.get(key)
             if isinstance(value, str) and value and not Path(value).is_absolute():
-                data[key] = str(base / value)
+                data[key] = os.path.normpath(base / value)
         return cls.validated(data, source=str(path))
 
     @classmethod
