@@ -169,6 +169,14 @@ class Catalog:
         with self._lock:
             return sorted(self._by_name.values(), key=lambda e: e.manifest.name)
 
+    def is_current(self, entry: CatalogEntry) -> bool:
+        """False when the file changed on disk since its manifest was built (a stat: ~2 us)."""
+        try:
+            st = entry.path.stat()
+        except OSError:
+            return False
+        return (st.st_size, st.st_mtime_ns) == (entry.manifest.size, entry.mtime_ns)
+
     def take_stale(self) -> list[str]:
         with self._lock:
             stale, self._stale = self._stale, set()

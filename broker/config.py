@@ -25,12 +25,15 @@ class BrokerConfig(ConfigModel):
     origin_lanes: int = Field(default=2, ge=1, le=64)  # concurrent origin requests per downloader
     strike_limit: int = Field(default=3, ge=1)  # bad-bytes reports before a peer is benched
     bench_s: float = Field(default=30.0, ge=0.0)
+    upload_limit_mib_s: float = Field(default=0.0, ge=0.0)  # cap on segment upload; 0: none
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=4096)
     log_level: str = "INFO"
 
     @property
     def peer_expiry_s(self) -> float:
-        return self.heartbeat_interval_s * self.heartbeat_liveness
+        # Half an interval of grace: a peer that lost liveness - 1 heartbeats in a row and whose
+        # next one is a little late is alive; a dead one is gone within interval x (liveness + 1).
+        return self.heartbeat_interval_s * (self.heartbeat_liveness + 0.5)
 
     @property
     def public_host(self) -> str:

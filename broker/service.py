@@ -227,6 +227,8 @@ class TrackerService(ServiceThread):
 
     def on_get(self, request: Get, peer: str | None, now: float) -> Message:
         entry = self.catalog.by_name(request.name)
+        if entry is not None and not self.catalog.is_current(entry):
+            entry = self._rebuild(request.name)  # never hand out a manifest the file no longer matches
         if entry is None:
             return Error(request.rid, WireCode.NOT_FOUND, f"no file named {request.name!r}")
         manifest = entry.manifest
@@ -312,7 +314,7 @@ class TrackerService(ServiceThread):
             if not self.registry.touch(beat.name, now):
                 self.counts["heartbeats_unknown"] += 1
 
-    def _rebuild(self, name: str) -> None:
+    def _rebuild(self, name: str) -> CatalogEntry | None:
         old = self.catalog.by_name(name)
         entry: CatalogEntry | None = self.catalog.rebuild(name)
         if old is not None and (entry is None or entry.manifest.file_id != old.manifest.file_id):
@@ -322,6 +324,7 @@ class TrackerService(ServiceThread):
             name,
             f"new version {entry.manifest.file_id.hex()[:16]}" if entry else "no longer shared",
         )
+        return entry
 
     def stats(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -382,6 +385,7 @@ class Broker:
                 self.catalog,
                 self.config.bind_host,
                 self.config.origin_port,
+                self.config.upload_limit_mib_s * 1024 * 1024,
             )
             self._origin.start()
             self._tracker = TrackerService(self.config, self._context, self.catalog, self._origin)

@@ -11,6 +11,8 @@ reader (the broker's catalog or a peer's store) hashes every slice it sends.
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from typing import Any, Protocol
 
 import zmq
@@ -43,10 +45,16 @@ class SegmentServer(ServiceThread):
         reader: SegmentReader,
         host: str,
         port: int,
+        upload_limit_bytes_s: float = 0.0,
     ) -> None:
         super().__init__(name, context)
         self.reader = reader
         self.host, self.port = host, port
+        # Upload cap (0: none). Replies wait in `_delayed` until the capped link would be free,
+        # like a slow uplink; requests keep being read meanwhile.
+        self.upload_limit_bytes_s = upload_limit_bytes_s
+        self._link_free_at = 0.0
+        self._delayed: deque[tuple[float, list[Any]]] = deque()
         self.requests = 0
         self.segments_served = 0
         self.bytes_served = 0
@@ -72,10 +80,19 @@ class SegmentServer(ServiceThread):
         if self._sock is not None:
             self._sock.close(linger=0)
 
+    def next_timeout_ms(self, now: float) -> int:
+        if self._delayed:
+            return max(0, min(1000, int((self._delayed[0][0] - now) * 1000) + 1))
+        return 1000
+
     def run_once(self, timeout_ms: int) -> None:
         events = dict(self.poller.poll(timeout_ms))
         sock = self._sock
-        if sock is None or sock not in events:
+        if sock is None:
+            return
+        if self._delayed:
+            self._send_due(sock, time.monotonic())
+        if sock not in events:
             return
         for _ in range(_BATCH):
             try:
@@ -124,8 +141,23 @@ class SegmentServer(ServiceThread):
         return SegmentData(request.file_id, request.first, request.count, tuple(missing), payload)
 
     def _send(self, sock: zmq.Socket[Any], envelope: list[bytes], reply: SegmentData | Error) -> None:
+        frames: list[Any] = [*envelope, *protocol.encode(reply)]
+        if self.upload_limit_bytes_s > 0 and isinstance(reply, SegmentData):
+            now = time.monotonic()
+            send_at = max(now, self._link_free_at)
+            self._link_free_at = send_at + len(reply.payload) / self.upload_limit_bytes_s
+            if send_at > now or self._delayed:
+                self._delayed.append((send_at, frames))
+                return
+        self._send_frames(sock, frames)
+
+    def _send_due(self, sock: zmq.Socket[Any], now: float) -> None:
+        while self._delayed and self._delayed[0][0] <= now:
+            self._send_frames(sock, self._delayed.popleft()[1])
+
+    def _send_frames(self, sock: zmq.Socket[Any], frames: list[Any]) -> None:
         try:
-            sock.send_multipart(envelope + protocol.encode(reply), zmq.NOBLOCK, copy=False)
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
             # The downloader went away or is not reading: it will time out and ask elsewhere.
             self._bad_log.warning("%s: reply dropped: %s", self.name, exc.strerror)

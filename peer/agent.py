@@ -267,7 +267,7 @@ class Agent(ServiceThread):
             self._next_heartbeat = now + self.heartbeat_interval_s
         if not self._ping_pending and now - self._last_broker_reply >= self._broker_silence_s():
             self._ping_pending = True
-            self._request(Ping, self._on_pong, self._on_ping_timeout)
+            self._request(Ping, self._on_pong, self._on_ping_timeout, timeout_s=self._broker_silence_s())
 
     def _broker_silence_s(self) -> float:
         return self.heartbeat_interval_s * self.heartbeat_liveness

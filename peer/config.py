@@ -25,6 +25,7 @@ class PeerConfig(ConfigModel):
     broker_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
     have_flush_interval_s: float = Field(default=0.1, ge=0.0, le=60.0)
     replan_interval_s: float = Field(default=1.0, gt=0.0, le=600.0)
+    upload_limit_mib_s: float = Field(default=0.0, ge=0.0)  # cap on segment upload; 0: none
     log_level: str = "INFO"
 
     @property

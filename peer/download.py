@@ -88,7 +88,7 @@ class Download:
             old = known.get(name)
             state = SourceState(name, endpoint, holds)
             if old is not None:
-                state.timeouts_in_a_row, state.dead = old.timeouts_in_a_row, old.dead
+                # A fresh plan names live sources: a source dead to us gets another chance.
                 state.in_flight = old.in_flight
             fresh[name] = state
         for name, old in known.items():  # sources with requests in flight stay until they answer
@@ -184,13 +184,20 @@ class Download:
                 source.holds.remove(first, count)
 
     def on_failed(self, source_name: str, first: int, count: int, timed_out: bool) -> None:
+        """Bad bytes exclude the source for these segments; a timeout only steers them elsewhere
+        (the source may just be slow) until `dead_after` timeouts in a row drop it."""
         source = self.sources.get(source_name)
         if source is not None and timed_out:
             source.timeouts_in_a_row += 1
             if source.timeouts_in_a_row >= self.dead_after:
                 self.mark_dead(source_name)
         for i in range(first, first + count):
-            self._retry_elsewhere(i, source_name)
+            if timed_out:
+                if self.state[i] != SegmentState.DONE:
+                    self.state[i] = SegmentState.MISSING
+                    self._requeue(i, avoid=source_name)
+            else:
+                self._retry_elsewhere(i, source_name)
 
     def mark_dead(self, source_name: str) -> None:
         source = self.sources.get(source_name)
@@ -210,28 +217,40 @@ class Download:
         self.excluded.setdefault(index, set()).add(failed_source)
         self._requeue(index)
 
-    def _requeue(self, index: int) -> None:
-        """Queue a MISSING segment at the best source left: a peer, then the broker."""
+    def _requeue(self, index: int, avoid: str | None = None) -> None:
+        """Queue a MISSING segment at the best source left: a peer, then the broker.
+
+        `avoid` is a source to use only when nothing else holds the segment.
+        """
         excluded = self.excluded.get(index, set())
         peers = [
             s
             for s in self.sources.values()
             if s.name != BROKER and not s.dead and s.name not in excluded and s.has(index)
         ]
+        if avoid is not None:
+            others = [s for s in peers if s.name != avoid]
+            if others or self._broker_usable(index):
+                peers = others
         if peers:
             target = min(peers, key=lambda s: s.queued_segments() + s.in_flight * self.batch)
+        elif self._broker_usable(index):
+            target = self.sources[BROKER]
+        elif avoid is not None and avoid in self.sources and not self.sources[avoid].dead:
+            target = self.sources[avoid]  # slow, but the only one left
         else:
-            broker = self.sources.get(BROKER)
-            if broker is None or broker.dead or BROKER in excluded:
-                self.stuck.append(index)
-                return
-            target = broker
+            self.stuck.append(index)
+            return
         queue = target.queue
         if queue and queue[-1][0] + queue[-1][1] == index:
             last_first, last_count = queue.pop()
             queue.append((last_first, last_count + 1))
         else:
             queue.append((index, 1))
+
+    def _broker_usable(self, index: int) -> bool:
+        broker = self.sources.get(BROKER)
+        return broker is not None and not broker.dead and BROKER not in self.excluded.get(index, ())
 
     # ---- progress
 

@@ -70,6 +70,7 @@ class Peer:
                 self.store,
                 self.config.bind_host,
                 self.config.serve_port,
+                self.config.upload_limit_mib_s * 1024 * 1024,
             )
             self._server.start()
             self._agent = Agent(self.config, self._context, self.store, lambda: self.serve_endpoint)
