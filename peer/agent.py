@@ -648,6 +648,12 @@ class Agent(ServiceThread):
                     try:
                         self.store.write_run(job.fd, manifest.file_id, sub_first, data)
                     except StorageError as exc:
+                        # Segments written whole before the error are held: announce them.
+                        for got_first, got_count in self.store.held_copy(manifest.file_id).intersect_run(
+                            sub_first, sub_count
+                        ):
+                            download.on_done(source, got_first, got_count)
+                            job.unflushed.add(got_first, got_count)
                         self._fail(job, exc)
                         return
                     download.on_done(source, sub_first, sub_count)

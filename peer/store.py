@@ -232,18 +232,22 @@ class Store:
             raise _storage_error(exc, f"cannot open {entry.path}") from None
 
     def write_run(self, fd: int, file_id: bytes, first: int, data: memoryview) -> None:
-        """Write verified consecutive segments, then count them as held."""
+        """Write verified consecutive segments, then count as held those that were written.
+
+        A short write (the disk filled up mid-run) keeps the segments written whole before the
+        error is raised, so a retry does not fetch them again.
+        """
         try:
             written = os.pwrite(fd, data, first * SEGMENT_SIZE)
-            if written != len(data):
-                raise OSError(errno.ENOSPC, "short write")
         except OSError as exc:
             raise _storage_error(exc, "cannot write segments") from None
-        count = (len(data) + SEGMENT_SIZE - 1) // SEGMENT_SIZE
+        count = (len(data) + SEGMENT_SIZE - 1) // SEGMENT_SIZE if written == len(data) else written // SEGMENT_SIZE
         with self._lock:
             entry = self._entries.get(file_id)
             if entry is not None:
                 entry.held.add(first, count)
+        if written != len(data):
+            raise _storage_error(OSError(errno.ENOSPC, "short write"), "cannot write segments")
 
     def finish(self, file_id: bytes) -> Path:
         """Move a complete download to its final name."""
