@@ -19,7 +19,7 @@ class BrokerConfig(ConfigModel):
     tracker_port: int = Field(default=5555, ge=0, le=65535)
     heartbeat_port: int = Field(default=5556, ge=0, le=65535)
     origin_port: int = Field(default=5557, ge=0, le=65535)
-    heartbeat_interval_s: float = Field(default=1.0, gt=0.0, le=3600.0)
+    heartbeat_interval_s: float = Field(default=1.0, ge=0.01, le=3600.0)
     heartbeat_liveness: int = Field(default=3, ge=1, le=100)
     plan_block_segments: int = Field(default=64, ge=1, le=1024)
     origin_lanes: int = Field(default=2, ge=1, le=64)  # concurrent origin requests per downloader

@@ -61,7 +61,7 @@ def plan_download(
     # steer blocks to idle holders, never enough to leave one holder with the whole download.
     fair = len(need) / max(len(holders), 1)
     loads = [min(h.load, fair) for h in holders]
-    complete = [i for i, h in enumerate(holders) if len(h.segments) >= segment_count]
+    complete = [i for i, h in enumerate(holders) if h.segments.covers(0, segment_count)]
     complete_set = set(complete)
     partial = [i for i in range(len(holders)) if i not in complete_set]
     broker_index = len(holders)

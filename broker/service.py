@@ -9,6 +9,7 @@ counted drop, not a stall.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 import time
@@ -22,7 +23,7 @@ import zmq
 from broker.catalog import Catalog, CatalogEntry
 from broker.config import BrokerConfig
 from broker.planner import plan_download
-from broker.registry import Registry
+from broker.registry import Holder, Registry
 from common import protocol
 from common.errors import ClosedError, MalformedMessage, WireCode
 from common.protocol import (
@@ -54,6 +55,7 @@ from common.service import RateLimitedLog, ServiceThread, bind, endpoint, make_s
 log = logging.getLogger(__name__)
 
 _DRAIN = 256  # messages handled per wake-up before timers are looked at again
+MAX_PLAN_SOURCES = 256  # a GET names at most this many peers (the wire allows 4096)
 
 
 def _clip(runs: tuple[Run, ...], segment_count: int) -> list[Run]:
@@ -239,7 +241,7 @@ class TrackerService(ServiceThread):
         plan = plan_download(
             manifest.segment_count,
             need,
-            self.registry.holders(manifest.file_id, now, exclude=peer),
+            self._candidates(manifest.file_id, now, peer),
             endpoint(self.config.public_host, self.origin.port),
             block=self.config.plan_block_segments,
             rotate=_spread(self.get_counts[manifest.file_id], manifest.segment_count, self.config.plan_block_segments),
@@ -257,6 +259,13 @@ class TrackerService(ServiceThread):
             plan=plan.entries,
             origin_lanes=self.config.origin_lanes,
         )
+
+    def _candidates(self, file_id: bytes, now: float, requester: str | None) -> list[Holder]:
+        """Holders to plan over: all of them up to MAX_PLAN_SOURCES, else the least loaded."""
+        holders = self.registry.holders(file_id, now, exclude=requester)
+        if len(holders) > MAX_PLAN_SOURCES:
+            holders = heapq.nsmallest(MAX_PLAN_SOURCES, holders, key=lambda h: h.load)
+        return holders
 
     def on_holdings(self, request: Have | Lost, peer: str | None, add: bool) -> Message:
         if peer is None:

@@ -47,7 +47,7 @@ def check_name(name: str) -> str | None:
     for part in name.split("/"):
         if part in ("", ".", ".."):
             return f"bad path component {part!r}"
-        if not _NAME_PART.match(part):
+        if not _NAME_PART.fullmatch(part):
             return "control character or backslash in name"
         if part.startswith(".zswarm"):
             return "reserved name"

@@ -41,6 +41,7 @@ MAX_RID = (1 << 32) - 1
 MAX_SESSION = (1 << 64) - 1
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024 * 1024  # a 2 TiB manifest's digests would not fit: fine
 MAX_NAME_LEN = 64
+MAX_ERROR_MESSAGE = 1000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENDPOINT_PATTERN = re.compile(r"^tcp://[A-Za-z0-9.\-:\[\]]{1,255}:[0-9]{1,5}$")
 
@@ -106,11 +107,11 @@ class Str(Field[str]):
         self.max_len, self.pattern, self.check = max_len, pattern, check
 
     def load(self, value: Any, where: str) -> str:
-        if type(value) is not str:
+        if not isinstance(value, str):  # decoding yields plain str; encoding may pass a StrEnum
             raise _fail(where, f"expected a string, got {type(value).__name__}")
         if len(value) > self.max_len:
             raise _fail(where, f"longer than {self.max_len} characters")
-        if self.pattern is not None and not self.pattern.match(value):
+        if self.pattern is not None and not self.pattern.fullmatch(value):
             raise _fail(where, f"{value[:80]!r} is not of the allowed form")
         if self.check is not None:
             problem = self.check(value)
@@ -273,9 +274,21 @@ def _dump_fields(obj: Any) -> dict[str, Any]:
 RID = UInt(MAX_RID)
 FILE_ID = Bin(exact=DIGEST_SIZE)
 FILE_NAME = Str(1024, check=check_name)
-PEER_NAME = Str(MAX_NAME_LEN, NAME_PATTERN)
+RESERVED_SOURCE_NAMES = frozenset({"broker", "local"})  # "local": segments a peer already had
+
+
+def _check_peer_name(name: str) -> str | None:
+    return f"{name!r} is a reserved name" if name in RESERVED_SOURCE_NAMES else None
+
+
+def _check_endpoint(value: str) -> str | None:
+    port = int(value.rsplit(":", 1)[1])
+    return None if 0 < port < 65536 else f"port {port} out of range"
+
+
+PEER_NAME = Str(MAX_NAME_LEN, NAME_PATTERN, check=_check_peer_name)
 SOURCE_NAME = Str(MAX_NAME_LEN)  # a peer name or "broker"
-ENDPOINT = Str(300, ENDPOINT_PATTERN)
+ENDPOINT = Str(300, ENDPOINT_PATTERN, check=_check_endpoint)
 SEGMENT_INDEX = UInt(MAX_SEGMENTS - 1)
 RUN_COUNT = UInt(MAX_RUN_SEGMENTS, minimum=1)
 RUNS = Runs()
@@ -343,7 +356,7 @@ class Register(Message):
         "rid": RID,
         "name": PEER_NAME,
         "endpoint": ENDPOINT,
-        "holdings": ListOf(Struct(Holding), 1 << 16),
+        "holdings": ListOf(Struct(Holding), 1 << 20),
         "proto": UInt(255),
     }
 
@@ -465,7 +478,7 @@ class FileInfo(Message):
         "digests": Opt(Bin(max_len=MAX_SEGMENTS * DIGEST_SIZE, multiple_of=DIGEST_SIZE)),
         "sources": ListOf(Struct(Source), 4096),
         "plan": ListOf(Tuple3(), MAX_RUNS),
-        "origin_lanes": UInt(64),
+        "origin_lanes": UInt(64, minimum=1),
     }
 
 
@@ -507,7 +520,11 @@ class Error(Message):
     code: str
     message: str
     OP = "error"
-    SCHEMA = {"rid": RID, "code": Str(32), "message": Str(1000)}
+    SCHEMA = {"rid": RID, "code": Str(32), "message": Str(MAX_ERROR_MESSAGE)}
+
+    def __post_init__(self) -> None:
+        if len(self.message) > MAX_ERROR_MESSAGE:  # explanations may quote input: keep them short
+            object.__setattr__(self, "message", self.message[: MAX_ERROR_MESSAGE - 3] + "...")
 
 
 # Heartbeat: peer PUB -> broker SUB.
@@ -576,6 +593,7 @@ MESSAGES: dict[str, type[Message]] = {
     )
 }
 TRACKER_REQUESTS = (Register, Get, Have, Lost, BadSource, ListFiles, StatsRequest, Ping, Bye)
+TRACKER_REPLIES = (Registered, FileInfo, Files, Stats, Pong, Ok, Error)
 
 for _cls in MESSAGES.values():
     _names = [f.name for f in fields(_cls)]  # type: ignore[arg-type]
@@ -599,7 +617,11 @@ def _unique_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
 
 
 def encode(msg: Message) -> list[bytes | memoryview]:
-    header = {"op": msg.OP, **_dump_fields(msg)}
+    """Frames of a message; it is validated exactly as `decode` would, so no endpoint sends what
+    its peers must refuse (a bug here raises MalformedMessage at the sender)."""
+    fields_ = _dump_fields(msg)
+    _load_fields(type(msg), fields_, "outgoing")
+    header = {"op": msg.OP, **fields_}
     frames: list[bytes | memoryview] = [msgpack.packb(header, use_bin_type=True)]
     if msg.PAYLOAD:
         frames.append(msg.payload)  # type: ignore[attr-defined]

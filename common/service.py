@@ -73,6 +73,7 @@ class ServiceThread:
         self._startup_error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._started = False
+        self.loop_errors = 0
 
     # ---- API side (any thread)
 
@@ -131,10 +132,18 @@ class ServiceThread:
             self._safe_teardown()
             return
         self._ready.set()
+        errors = RateLimitedLog(log, interval_s=10.0)
         try:
             while not self._stopping.is_set():
                 self._run_calls()
-                self.run_once(self.next_timeout_ms(time.monotonic()))
+                try:
+                    self.run_once(self.next_timeout_ms(time.monotonic()))
+                except (zmq.ContextTerminated, MemoryError):
+                    raise
+                except Exception:
+                    # A bug met by one message must not stop the service for everyone else.
+                    self.loop_errors += 1
+                    errors.exception("%s: error in the loop (service continues)", self.name)
         except BaseException:
             log.exception("%s crashed", self.name)
         finally:
@@ -205,11 +214,17 @@ class RateLimitedLog:
         self._suppressed = 0
 
     def warning(self, msg: str, *args: Any) -> None:
+        self._log(logging.WARNING, msg, args, exc_info=False)
+
+    def exception(self, msg: str, *args: Any) -> None:
+        self._log(logging.ERROR, msg, args, exc_info=True)
+
+    def _log(self, level: int, msg: str, args: tuple[Any, ...], exc_info: bool) -> None:
         now = time.monotonic()
         if now - self._last >= self.interval_s:
             if self._suppressed:
                 msg += f" ({self._suppressed} similar messages suppressed)"
-            self.logger.warning(msg, *args)
+            self.logger.log(level, msg, *args, exc_info=exc_info)
             self._last, self._suppressed = now, 0
         else:
             self._suppressed += 1

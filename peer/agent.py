@@ -48,7 +48,7 @@ from common.errors import (
     WireCode,
     ZswarmError,
 )
-from common.manifest import Manifest
+from common.manifest import SEGMENT_SIZE, Manifest
 from common.protocol import (
     BadSource,
     Bye,
@@ -240,7 +240,7 @@ class Agent(ServiceThread):
             except zmq.Again:
                 return
             try:
-                reply = protocol.decode(frames)
+                reply = protocol.decode(frames, allowed=protocol.TRACKER_REPLIES)
             except MalformedMessage as exc:
                 self._bad_log.warning("malformed reply from the broker: %s", exc)
                 continue
@@ -551,7 +551,13 @@ class Agent(ServiceThread):
     def _send_on_lane(self, job: _Job, lane: _Lane, run: Run, now: float) -> None:
         assert job.manifest is not None
         if lane.sock is None:
-            lane.sock = make_socket(self.context, zmq.REQ, rcvhwm=4, sndhwm=4)
+            lane.sock = make_socket(
+                self.context,
+                zmq.REQ,
+                rcvhwm=4,
+                sndhwm=4,
+                maxmsgsize=self.config.batch_segments * SEGMENT_SIZE + _MAX_REPLY_HEADER,
+            )
             lane.sock.connect(lane.endpoint)
             self.poller.register(lane.sock, zmq.POLLIN)
             self._lanes_by_sock[lane.sock] = lane
@@ -617,6 +623,10 @@ class Agent(ServiceThread):
             self._report_bad(job, source, [run], "reply does not match the request")
             return
         missing = SegmentSet(reply.missing)
+        if missing and not SegmentSet([run]).covers(*_span(missing)):
+            download.on_failed(source, first, count, timed_out=False)
+            self._report_bad(job, source, [run], "missing segments outside the request")
+            return
         present = SegmentSet([run])
         present.difference_update(missing)
         payload = memoryview(reply.payload)
@@ -626,9 +636,8 @@ class Agent(ServiceThread):
             self._report_bad(job, source, [run], "payload length does not match")
             return
         if missing:
-            missing_runs = [(f, c) for f, c in missing.runs() if f >= first and f + c <= first + count]
-            download.on_refused(source, missing_runs)
-            self._report_bad(job, source, missing_runs, "refused")
+            download.on_refused(source, missing.runs())
+            self._report_bad(job, source, missing.runs(), "refused")
         offset = 0
         bad: list[Run] = []
         for run_first, run_count in present.runs():
@@ -767,6 +776,13 @@ class Agent(ServiceThread):
 
     def _count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
+
+
+def _span(runs: SegmentSet) -> Run:
+    """The smallest single run containing every run of the set."""
+    all_runs = runs.runs()
+    first = all_runs[0][0]
+    return first, all_runs[-1][0] + all_runs[-1][1] - first
 
 
 def _chain(source: Future[GetResult], target: Future[GetResult]) -> None:

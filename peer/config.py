@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from common.config import ConfigModel
-from common.protocol import ENDPOINT_PATTERN, NAME_PATTERN
+from common.protocol import ENDPOINT_PATTERN, NAME_PATTERN, RESERVED_SOURCE_NAMES
 
 
 class PeerConfig(ConfigModel):
@@ -27,6 +27,13 @@ class PeerConfig(ConfigModel):
     replan_interval_s: float = Field(default=1.0, gt=0.0, le=600.0)
     upload_limit_mib_s: float = Field(default=0.0, ge=0.0)  # cap on segment upload; 0: none
     log_level: str = "INFO"
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name in RESERVED_SOURCE_NAMES:
+            raise ValueError(f"{name!r} is reserved for the protocol")
+        return name
 
     @property
     def public_host(self) -> str:
