@@ -100,10 +100,13 @@ def plan_download(
             pos = stop
 
     blocks.sort()
-    sources = tuple(
-        PlannedSource(h.name, h.endpoint, None if i in complete_set else tuple(h.segments.runs()))
-        for i, h in enumerate(holders)
-    ) + (PlannedSource(BROKER_SOURCE, origin_endpoint, None),)
+    sources = (
+        *tuple(
+            PlannedSource(h.name, h.endpoint, None if i in complete_set else tuple(h.segments.runs()))
+            for i, h in enumerate(holders)
+        ),
+        PlannedSource(BROKER_SOURCE, origin_endpoint, None),
+    )
     entries = tuple((first, count, source) for _, _, first, count, source in blocks)
     return Plan(sources, entries)
 
@@ -129,9 +132,7 @@ def _plan_segments(
             assigned[run_source] += 1
             continue
         having = [p for p in partial if i in holders[p].segments]
-        source = (
-            min(having, key=lambda p: loads[p] + assigned[p]) if having else broker_index
-        )
+        source = min(having, key=lambda p: loads[p] + assigned[p]) if having else broker_index
         if source != run_source:
             if run_source != -1:
                 add(run_start, i - run_start, run_source, availability)

@@ -191,7 +191,8 @@ class Registry:
 
     def load_of(self, record: PeerRecord, now: float) -> float:
         age = max(now - record.planned_at, 0.0)
-        return record.planned * 0.5 ** (age / self.load_half_life_s)
+        decay: float = 0.5 ** (age / self.load_half_life_s)
+        return record.planned * decay
 
     def note_planned(self, name: str, segments: int, now: float) -> None:
         record = self.peers.get(name)

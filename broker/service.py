@@ -152,9 +152,7 @@ class TrackerService(ServiceThread):
             return
         routing_id, body = frames[0], frames[1:]
         try:
-            request = protocol.decode(
-                body, self.config.max_request_bytes, allowed=protocol.TRACKER_REQUESTS
-            )
+            request = protocol.decode(body, self.config.max_request_bytes, allowed=protocol.TRACKER_REQUESTS)
         except MalformedMessage as exc:
             self.counts["malformed"] += 1
             self._bad_log.warning("malformed request: %s", exc)
@@ -244,7 +242,9 @@ class TrackerService(ServiceThread):
             self._candidates(manifest.file_id, now, peer),
             endpoint(self.config.public_host, self.origin.port),
             block=self.config.plan_block_segments,
-            rotate=_spread(self.get_counts[manifest.file_id], manifest.segment_count, self.config.plan_block_segments),
+            rotate=_spread(
+                self.get_counts[manifest.file_id], manifest.segment_count, self.config.plan_block_segments
+            ),
         )
         for name, count in plan.segments_by_source().items():
             self.registry.note_planned(name, count, now)

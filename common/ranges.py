@@ -14,7 +14,7 @@ Run = tuple[int, int]  # (first, count)
 
 
 class SegmentSet:
-    __slots__ = ("_starts", "_ends", "_count")
+    __slots__ = ("_count", "_ends", "_starts")
 
     def __init__(self, runs: Iterable[Run] = ()) -> None:
         self._starts: list[int] = []
@@ -34,11 +34,7 @@ class SegmentSet:
         return self._count > 0
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, SegmentSet)
-            and self._starts == other._starts
-            and self._ends == other._ends
-        )
+        return isinstance(other, SegmentSet) and self._starts == other._starts and self._ends == other._ends
 
     def __repr__(self) -> str:
         return f"SegmentSet({self.runs()!r})"

@@ -183,7 +183,7 @@ class ServiceThread:
 
 def make_socket(context: zmq.Context[Any], kind: int, **options: Any) -> zmq.Socket[Any]:
     """A socket that never blocks shutdown (linger 0), with the given sockopts."""
-    sock = context.socket(kind)
+    sock: zmq.Socket[Any] = context.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     for name, value in options.items():
         sock.setsockopt(getattr(zmq, name.upper()), value)

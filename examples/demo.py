@@ -51,7 +51,9 @@ def show(step: str, who: str, result: dict[str, object]) -> None:
     sources = result["sources"]
     assert isinstance(sources, dict)
     parts = ", ".join(f"{n} from {src}" for src, n in sorted(sources.items()))
-    print(f"  {step:<46} {who}: {result['size']:>9} bytes in {float(str(result['seconds'])):.3f} s  <- {parts}")
+    print(
+        f"  {step:<46} {who}: {result['size']:>9} bytes in {float(str(result['seconds'])):.3f} s  <- {parts}"
+    )
 
 
 def same_bytes(a: Path, b: Path) -> bool:

@@ -138,7 +138,9 @@ class _Job:
 
 
 class Agent(ServiceThread):
-    def __init__(self, config: PeerConfig, context: zmq.Context[Any], store: Store, serve_endpoint: Callable[[], str]) -> None:
+    def __init__(
+        self, config: PeerConfig, context: zmq.Context[Any], store: Store, serve_endpoint: Callable[[], str]
+    ) -> None:
         super().__init__(f"zswarm-peer-{config.name}", context)
         self.config = config
         self.store = store
@@ -335,11 +337,13 @@ class Agent(ServiceThread):
             except queue.Empty:
                 return
             if self.registered:
-                self._request(lambda rid, f=file_id, r=tuple(runs): Lost(rid, f, r), lambda _: None)
+                self._request(_lost_maker(file_id, tuple(runs)), lambda _: None)
 
     # ---- commands (run in this thread through call())
 
-    def start_get(self, name: str, future: Future[GetResult], timeout_s: float, progress: ProgressFn | None) -> None:
+    def start_get(
+        self, name: str, future: Future[GetResult], timeout_s: float, progress: ProgressFn | None
+    ) -> None:
         existing = self._jobs.get(name)
         if existing is not None:
             existing.future.add_done_callback(lambda f: _chain(f, future))
@@ -362,7 +366,9 @@ class Agent(ServiceThread):
 
         def on_timeout() -> None:
             future.set_exception(
-                BrokerUnavailable(f"broker {self.config.broker} did not answer within {self.config.broker_timeout_s} s")
+                BrokerUnavailable(
+                    f"broker {self.config.broker} did not answer within {self.config.broker_timeout_s} s"
+                )
             )
 
         self._request(make, on_reply, on_timeout)
@@ -417,7 +423,12 @@ class Agent(ServiceThread):
     def _on_plan_timeout(self, job: _Job) -> None:
         job.replanning = False
         if job.download is None:
-            self._fail(job, BrokerUnavailable(f"broker {self.config.broker} did not answer within {self.config.broker_timeout_s} s"))
+            self._fail(
+                job,
+                BrokerUnavailable(
+                    f"broker {self.config.broker} did not answer within {self.config.broker_timeout_s} s"
+                ),
+            )
         else:
             job.next_replan = time.monotonic() + self.config.replan_interval_s
 
@@ -442,11 +453,12 @@ class Agent(ServiceThread):
         if job.manifest is not None and manifest.file_id != job.manifest.file_id:
             self._fail(job, TransferError(f"{job.name} changed on the broker during the download; retry"))
             return
-        if job.download is None:
-            if not self._begin(job, manifest, reply):
-                return
+        if job.download is None and not self._begin(job, manifest, reply):
+            return
         assert job.download is not None
-        sources = [(s.name, s.endpoint, None if s.runs is None else SegmentSet(s.runs)) for s in reply.sources]
+        sources = [
+            (s.name, s.endpoint, None if s.runs is None else SegmentSet(s.runs)) for s in reply.sources
+        ]
         job.download.replan(sources, list(reply.plan))
         job.origin_lanes = reply.origin_lanes
         job.next_replan = now + self.config.replan_interval_s
@@ -458,10 +470,14 @@ class Agent(ServiceThread):
             if cached is None or cached.file_id != reply.file_id:
                 raise TransferError("the broker omitted the manifest of a file this peer does not have")
             return cached
-        manifest = Manifest(name=reply.name, size=reply.size, digests=reply.digests, segment_size=reply.segment_size)
+        manifest = Manifest(
+            name=reply.name, size=reply.size, digests=reply.digests, segment_size=reply.segment_size
+        )
         problem = manifest.consistency_error()
         if problem or manifest.file_id != reply.file_id:
-            raise IntegrityError(f"the broker sent an inconsistent manifest for {job.name}: {problem or 'file_id mismatch'}")
+            raise IntegrityError(
+                f"the broker sent an inconsistent manifest for {job.name}: {problem or 'file_id mismatch'}"
+            )
         return manifest
 
     def _begin(self, job: _Job, manifest: Manifest, reply: FileInfo) -> bool:
@@ -483,7 +499,12 @@ class Agent(ServiceThread):
         job.download = Download(manifest.segment_count, held, self.config.batch_segments)
         job.last_flush = time.monotonic()
         if held:
-            log.info("%s: resuming with %d of %d segments already verified", job.name, len(held), manifest.segment_count)
+            log.info(
+                "%s: resuming with %d of %d segments already verified",
+                job.name,
+                len(held),
+                manifest.segment_count,
+            )
         return True
 
     def _check_stuck(self, job: _Job) -> None:
@@ -497,7 +518,12 @@ class Agent(ServiceThread):
             self._ask_plan(job)
             return
         if not job.replanning:
-            self._fail(job, NoSourceLeft(f"{job.name}: {len(download.stuck)} segments have no live source left; retry later"))
+            self._fail(
+                job,
+                NoSourceLeft(
+                    f"{job.name}: {len(download.stuck)} segments have no live source left; retry later"
+                ),
+            )
 
     def _tick_job(self, job: _Job, now: float) -> None:
         if now >= job.deadline and not job.future.done():
@@ -564,7 +590,9 @@ class Agent(ServiceThread):
         lane.request = run
         lane.deadline = now + self.config.request_timeout_s
         try:
-            lane.sock.send_multipart(protocol.encode(SegmentRequest(job.manifest.file_id, run[0], run[1])), zmq.NOBLOCK)
+            lane.sock.send_multipart(
+                protocol.encode(SegmentRequest(job.manifest.file_id, run[0], run[1])), zmq.NOBLOCK
+            )
         except zmq.ZMQError:
             pass  # not connected yet and nothing queued: the lane times out and is replaced
 
@@ -583,7 +611,12 @@ class Agent(ServiceThread):
         job.download.on_reply(lane.source)
         job.download.on_failed(lane.source, run[0], run[1], timed_out=True)
         self._count("lane_timeouts")
-        self._bad_log.warning("%s: no reply from %s within %.1f s; asking elsewhere", job.name, lane.source, self.config.request_timeout_s)
+        self._bad_log.warning(
+            "%s: no reply from %s within %.1f s; asking elsewhere",
+            job.name,
+            lane.source,
+            self.config.request_timeout_s,
+        )
 
     def _on_lane_reply(self, lane: _Lane) -> None:
         job, run, sock = lane.job, lane.request, lane.sock
@@ -674,7 +707,12 @@ class Agent(ServiceThread):
                 k = j
         if bad:
             self._count("segments_rejected", sum(c for _, c in bad))
-            self._bad_log.warning("%s: %d segments from %s failed verification; discarded", job.name, sum(c for _, c in bad), source)
+            self._bad_log.warning(
+                "%s: %d segments from %s failed verification; discarded",
+                job.name,
+                sum(c for _, c in bad),
+                source,
+            )
             self._report_bad(job, source, bad, "checksum mismatch")
         self._progress(job, time.monotonic())
 
@@ -684,7 +722,9 @@ class Agent(ServiceThread):
         file_id = job.manifest.file_id
         self._request(lambda rid: BadSource(rid, file_id, source, tuple(runs), reason), lambda _: None)
 
-    def _flush_have(self, job: _Job, now: float, on_ack: Callable[[Message | None], None] | None = None) -> None:
+    def _flush_have(
+        self, job: _Job, now: float, on_ack: Callable[[Message | None], None] | None = None
+    ) -> None:
         assert job.manifest is not None
         runs = tuple(job.unflushed.runs())
         job.unflushed = SegmentSet()
@@ -721,7 +761,9 @@ class Agent(ServiceThread):
         if self._jobs.get(job.name) is not job:
             return
         if not isinstance(ack, Ok):
-            log.warning("%s: the broker did not confirm the last segments; it learns them at registration", job.name)
+            log.warning(
+                "%s: the broker did not confirm the last segments; it learns them at registration", job.name
+            )
         assert job.manifest is not None and job.download is not None
         try:
             os.close(job.fd)
@@ -778,6 +820,10 @@ class Agent(ServiceThread):
         self.counts[key] = self.counts.get(key, 0) + n
 
 
+def _lost_maker(file_id: bytes, runs: tuple[Run, ...]) -> Callable[[int], Message]:
+    return lambda rid: Lost(rid, file_id, runs)
+
+
 def _span(runs: SegmentSet) -> Run:
     """The smallest single run containing every run of the set."""
     all_runs = runs.runs()
@@ -795,4 +841,4 @@ def _chain(source: Future[GetResult], target: Future[GetResult]) -> None:
         target.set_result(source.result())
 
 
-__all__ = ["Agent", "GetResult", "Files", "Stats"]
+__all__ = ["Agent", "Files", "GetResult", "Stats"]

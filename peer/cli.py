@@ -44,7 +44,10 @@ def result_dict(result: GetResult) -> dict[str, Any]:
 
 def describe_result(result: GetResult) -> str:
     sources = ", ".join(f"{name}: {n}" for name, n in sorted(result.sources.items()))
-    return f"{result.name}: {result.size} bytes in {result.seconds:.2f} s -> {result.path} (segments from {sources})"
+    return (
+        f"{result.name}: {result.size} bytes in {result.seconds:.2f} s -> {result.path}"
+        f" (segments from {sources})"
+    )
 
 
 def _progress_bar(name: str) -> tuple[Any, Any]:
@@ -139,7 +142,10 @@ def run_prompt(peer: Peer, as_json: bool) -> int:
             result = execute(peer, words)
         except (ZswarmError, ValueError, TimeoutError) as exc:
             if as_json:
-                print(json.dumps({"ok": False, "cmd": command, "error": str(exc), "type": type(exc).__name__}), flush=True)
+                print(
+                    json.dumps({"ok": False, "cmd": command, "error": str(exc), "type": type(exc).__name__}),
+                    flush=True,
+                )
             else:
                 print(f"error: {exc}", flush=True)
             continue
@@ -178,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
                     return EXIT_FAILURE
             if args.command == "serve":
                 stop = stop_event_on_signals()
-                print(json.dumps({"event": "ready", "name": peer.name, "serve": peer.serve_endpoint}), flush=True)
+                print(
+                    json.dumps({"event": "ready", "name": peer.name, "serve": peer.serve_endpoint}),
+                    flush=True,
+                )
                 while not stop.wait(0.5):
                     pass
                 return 0

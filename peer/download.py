@@ -80,7 +80,9 @@ class Download:
 
     # ---- plans
 
-    def replan(self, sources: list[tuple[str, str, SegmentSet | None]], plan: list[tuple[int, int, int]]) -> None:
+    def replan(
+        self, sources: list[tuple[str, str, SegmentSet | None]], plan: list[tuple[int, int, int]]
+    ) -> None:
         """Adopt a plan: sources as (name, endpoint, holdings or None) and (first, count, source)."""
         known = self.sources
         fresh: dict[str, SourceState] = {}

@@ -61,7 +61,12 @@ class Peer:
             return self
         held = self.store.scan()
         if held:
-            log.info("%s: %d segments of %d files verified on disk", self.config.name, sum(held.values()), len(held))
+            log.info(
+                "%s: %d segments of %d files verified on disk",
+                self.config.name,
+                sum(held.values()),
+                len(held),
+            )
         self._context = zmq.Context()
         try:
             self._server = SegmentServer(
@@ -145,14 +150,18 @@ class Peer:
 
     # ---- downloads
 
-    def start_get(self, name: str, timeout: float = _DEFAULT_GET_TIMEOUT_S, progress: ProgressFn | None = None) -> GetFuture:
+    def start_get(
+        self, name: str, timeout: float = _DEFAULT_GET_TIMEOUT_S, progress: ProgressFn | None = None
+    ) -> GetFuture:
         """Start downloading `name`; returns at once with a future (also awaitable)."""
         agent = self._running_agent()
         future = GetFuture()
         agent.call(lambda: agent.start_get(name, future, timeout, progress)).result(5.0)
         return future
 
-    def get(self, name: str, timeout: float = _DEFAULT_GET_TIMEOUT_S, progress: ProgressFn | None = None) -> GetResult:
+    def get(
+        self, name: str, timeout: float = _DEFAULT_GET_TIMEOUT_S, progress: ProgressFn | None = None
+    ) -> GetResult:
         """Download `name` into data_dir and return where it came from. Raises on failure."""
         future = self.start_get(name, timeout, progress)
         try:

@@ -241,7 +241,11 @@ class Store:
             written = os.pwrite(fd, data, first * SEGMENT_SIZE)
         except OSError as exc:
             raise _storage_error(exc, "cannot write segments") from None
-        count = (len(data) + SEGMENT_SIZE - 1) // SEGMENT_SIZE if written == len(data) else written // SEGMENT_SIZE
+        count = (
+            (len(data) + SEGMENT_SIZE - 1) // SEGMENT_SIZE
+            if written == len(data)
+            else written // SEGMENT_SIZE
+        )
         with self._lock:
             entry = self._entries.get(file_id)
             if entry is not None:

@@ -16,7 +16,9 @@ from common.protocol import Message
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.01, what: str = "") -> T:
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.01, what: str = ""
+) -> T:
     """Poll `predicate` until it returns something truthy; fail the test at the deadline."""
     deadline = time.monotonic() + timeout
     while True:

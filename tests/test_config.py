@@ -37,7 +37,11 @@ def run_cli(module: str, config: Path, *extra: str) -> subprocess.CompletedProce
         ("peer", "name: p1\nbroker: tcp://127.0.0.1:1\n", "data_dir: required key is missing"),
         ("peer", "name: 'bad name'\nbroker: tcp://127.0.0.1:1\ndata_dir: d\n", "name: "),
         ("peer", "name: p1\nbroker: localhost:5555\ndata_dir: d\n", "broker: "),
-        ("peer", "name: p1\nbroker: tcp://127.0.0.1:1\ndata_dir: d\nlanes_per_source: 0\n", "lanes_per_source: "),
+        (
+            "peer",
+            "name: p1\nbroker: tcp://127.0.0.1:1\ndata_dir: d\nlanes_per_source: 0\n",
+            "lanes_per_source: ",
+        ),
     ],
 )
 def test_bad_config_exits_2_with_one_line(tmp_path: Path, module: str, text: str, expected: str) -> None:
@@ -59,7 +63,9 @@ def test_missing_config_file(tmp_path: Path, module: str) -> None:
 
 def test_missing_share_dir_is_one_line(tmp_path: Path) -> None:
     config = tmp_path / "broker.yaml"
-    config.write_text("share_dir: not-there\nmanifest_dir: m\ntracker_port: 0\nheartbeat_port: 0\norigin_port: 0\n")
+    config.write_text(
+        "share_dir: not-there\nmanifest_dir: m\ntracker_port: 0\nheartbeat_port: 0\norigin_port: 0\n"
+    )
     done = run_cli("broker", config)
     assert done.returncode == 2
     assert "not-there" in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -24,7 +24,16 @@ from common import protocol
 from common.errors import DiskFull, TransferError
 from common.manifest import SEGMENT_SIZE, Manifest, hash_file
 from common.processes import BrokerProcess, PeerProcess
-from common.protocol import FileInfo, Get, Heartbeat, Holding, Register, Registered, SegmentData, SegmentRequest
+from common.protocol import (
+    FileInfo,
+    Get,
+    Heartbeat,
+    Holding,
+    Register,
+    Registered,
+    SegmentData,
+    SegmentRequest,
+)
 from peer import Peer
 from peer.store import Store
 from tests.helpers import RawClient, wait_until, write_random
@@ -140,7 +149,12 @@ def plan_sources(client: RawClient, name: str) -> list[str]:
 def start_in_process_peer(tmp_path: Path, name: str, tracker: str, **extra: Any) -> Peer:
     from peer import PeerConfig
 
-    fields: dict[str, Any] = {"name": name, "broker": tracker, "data_dir": str(tmp_path / name), "request_timeout_s": 1.0}
+    fields: dict[str, Any] = {
+        "name": name,
+        "broker": tracker,
+        "data_dir": str(tmp_path / name),
+        "request_timeout_s": 1.0,
+    }
     fields.update(extra)
     peer = Peer(PeerConfig(**fields)).start()
     assert peer.wait_registered(10)
@@ -164,13 +178,17 @@ def test_source_killed_mid_transfer(
     halfway = threading.Event()
     downloader = start_in_process_peer(tmp_path, "dl", broker.tracker, batch_segments=16)
     try:
-        future = downloader.start_get("f.bin", timeout=60, progress=lambda d, t: d >= t // 2 and halfway.set())
+        future = downloader.start_get(
+            "f.bin", timeout=60, progress=lambda d, t: d >= t // 2 and halfway.set()
+        )
         assert halfway.wait(30), "the download did not start"
         victim = swarm.procs[1]
         assert isinstance(victim, PeerProcess) and victim.name == "srcA"
         victim.kill()
         killed_at = time.monotonic()
-        wait_until(lambda: "srcA" not in stats_of(client)["live_peers"], timeout=10, interval=0.02, what="eviction")
+        wait_until(
+            lambda: "srcA" not in stats_of(client)["live_peers"], timeout=10, interval=0.02, what="eviction"
+        )
         evicted_after = time.monotonic() - killed_at
         assert evicted_after <= EXPIRY_BOUND_S + 1.0, evicted_after  # + scheduling noise
         result = future.result(60)
@@ -306,7 +324,9 @@ def test_peer_claiming_segments_it_lacks_loses_the_claim(
         assert result.path.read_bytes() == data
         assert result.sources == {"broker": 64}
         client = tracker_client(broker.tracker)
-        wait_until(lambda: stats_of(client)["peers"]["claimer"]["segments"] == 0, what="the claim to be dropped")
+        wait_until(
+            lambda: stats_of(client)["peers"]["claimer"]["segments"] == 0, what="the claim to be dropped"
+        )
         assert stats_of(client)["peers"]["claimer"]["benched_s"] == 0  # a refusal is not a lie
     finally:
         downloader.close()
@@ -321,7 +341,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mount_point.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a size-limited tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)], capture_output=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
@@ -387,7 +409,9 @@ def test_file_changed_on_the_broker(
 # ---------------------------------------------------------------------------------- 9
 
 
-def test_lost_heartbeats_do_not_evict(share: Path, start_broker: StartBroker, context: zmq.Context[Any]) -> None:
+def test_lost_heartbeats_do_not_evict(
+    share: Path, start_broker: StartBroker, context: zmq.Context[Any]
+) -> None:
     write_random(share / "f.bin", 10, seed=29)
     interval = 0.3
     broker = start_broker(heartbeat_interval_s=interval, heartbeat_liveness=3)
@@ -441,7 +465,9 @@ def test_close_during_a_download_fails_it_and_returns_quickly(
     broker = start_broker(upload_limit_mib_s=1.0)
     p1 = start_peer("p1", broker)
     future = p1.start_get("f.bin", timeout=60)
-    wait_until(lambda: p1.status()["downloads"].get("f.bin", {}).get("done", 0) > 0, what="the download to start")
+    wait_until(
+        lambda: p1.status()["downloads"].get("f.bin", {}).get("done", 0) > 0, what="the download to start"
+    )
     started = time.monotonic()
     p1.close()
     assert time.monotonic() - started < 2.0

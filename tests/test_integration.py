@@ -61,7 +61,7 @@ def test_broker_then_peer_then_both(share: Path, start_broker: StartBroker, star
 def test_unknown_file_raises_not_found(share: Path, start_broker: StartBroker, start_peer: StartPeer) -> None:
     write_random(share / "x.bin", 10, seed=1)
     p1 = start_peer("p1", start_broker())
-    with pytest.raises(NotFound, match="no-such.bin"):
+    with pytest.raises(NotFound, match=r"no-such\.bin"):
         p1.get("no-such.bin", timeout=10)
 
 
@@ -235,7 +235,9 @@ def test_malformed_requests_get_an_error_and_the_loop_goes_on(
         client.close()
 
 
-def test_have_before_register_is_refused(share: Path, start_broker: StartBroker, context: zmq.Context[Any]) -> None:
+def test_have_before_register_is_refused(
+    share: Path, start_broker: StartBroker, context: zmq.Context[Any]
+) -> None:
     write_random(share / "f.bin", 10, seed=13)
     broker = start_broker()
     client = RawClient(context, broker.tracker_endpoint)
@@ -264,16 +266,24 @@ def test_origin_serves_runs_and_refuses_bad_requests(
     data = write_random(share / "f.bin", 10 * SEGMENT_SIZE + 3, seed=14)
     broker = start_broker()
     file_id = hash_file(share / "f.bin", "f.bin").file_id
-    reply = protocol.decode(_req(context, broker.origin_endpoint, protocol.encode(SegmentRequest(file_id, 8, 3))))
+    reply = protocol.decode(
+        _req(context, broker.origin_endpoint, protocol.encode(SegmentRequest(file_id, 8, 3)))
+    )
     assert isinstance(reply, SegmentData) and reply.missing == ()
     assert bytes(reply.payload) == data[8 * SEGMENT_SIZE :]
-    beyond = protocol.decode(_req(context, broker.origin_endpoint, protocol.encode(SegmentRequest(file_id, 9, 3))))
+    beyond = protocol.decode(
+        _req(context, broker.origin_endpoint, protocol.encode(SegmentRequest(file_id, 9, 3)))
+    )
     assert isinstance(beyond, Error) and beyond.code == WireCode.BAD_REQUEST
-    unknown = protocol.decode(_req(context, broker.origin_endpoint, protocol.encode(SegmentRequest(b"\7" * 32, 0, 1))))
+    unknown = protocol.decode(
+        _req(context, broker.origin_endpoint, protocol.encode(SegmentRequest(b"\7" * 32, 0, 1)))
+    )
     assert isinstance(unknown, Error) and unknown.code == WireCode.NOT_HELD
     garbage = protocol.decode(_req(context, broker.origin_endpoint, [b"\xc1garbage"]))
     assert isinstance(garbage, Error) and garbage.code == WireCode.MALFORMED
-    again = protocol.decode(_req(context, broker.origin_endpoint, protocol.encode(SegmentRequest(file_id, 0, 1))))
+    again = protocol.decode(
+        _req(context, broker.origin_endpoint, protocol.encode(SegmentRequest(file_id, 0, 1)))
+    )
     assert isinstance(again, SegmentData) and bytes(again.payload) == data[:SEGMENT_SIZE]
 
 
