@@ -23,6 +23,11 @@ class BrokerConfig(ConfigModel):
     heartbeat_liveness: int = Field(default=3, ge=1, le=100)
     plan_block_segments: int = Field(default=64, ge=1, le=1024)
     origin_lanes: int = Field(default=2, ge=1, le=64)  # concurrent origin requests per downloader
+    # Super-seeding: blocks a downloader may be fetching from the origin at once while other
+    # downloaders wait to get them from it (0: every downloader gets every block it needs).
+    origin_window_blocks: int = Field(default=8, ge=0, le=1 << 20)
+    # A claim lapses when its downloader reports no progress on the file for this long.
+    origin_claim_idle_s: float = Field(default=2.0, gt=0.0)
     strike_limit: int = Field(default=3, ge=1)  # bad-bytes reports before a peer is benched
     bench_s: float = Field(default=30.0, ge=0.0)
     upload_limit_mib_s: float = Field(default=0.0, ge=0.0)  # cap on segment upload; 0: none

@@ -14,7 +14,12 @@ Steps
    holds go to the broker, and only those: peers first, the broker as the fallback.
 5. Blocks are ordered rarest first; among equally rare blocks the order is rotated by `rotate`
    (different for each downloader of a file), so early downloaders of a new file fetch different
-   blocks from the broker and can trade them at once (super-seeding).
+   blocks from the broker and can trade them at once.
+6. Origin claims (super-seeding): a block only the broker has goes to at most one downloader at
+   a time. A block claimed by another live downloader is deferred (left out of the plan: the
+   downloader asks again when it runs out of work, and by then the claimant holds it and serves
+   it as a peer); a downloader claims at most `origin_window` blocks at once. So a crowd of new
+   downloaders makes the origin upload each block about once, and they trade the rest.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class PlannedSource:
 class Plan:
     sources: tuple[PlannedSource, ...]
     entries: tuple[tuple[int, int, int], ...]  # (first, count, source index), in fetch order
+    claimed: tuple[int, ...] = ()  # broker-only blocks this plan claims for the requester
+    deferred: int = 0  # segments left out because another downloader is fetching them from the origin
 
     def segments_by_source(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -56,7 +63,12 @@ def plan_download(
     origin_endpoint: str,
     block: int = 64,
     rotate: int = 0,
+    claims: dict[int, str] | None = None,
+    requester: str | None = None,
+    origin_window: int = 0,
 ) -> Plan:
+    """`claims`: broker-only block -> live downloader fetching it from the origin now.
+    `origin_window`: the most blocks the requester may have claimed (0: no claims, no deferral)."""
     # A holder's load from other downloads counts up to its fair share of this one: enough to
     # steer blocks to idle holders, never enough to leave one holder with the whole download.
     fair = len(need) / max(len(holders), 1)
@@ -100,6 +112,12 @@ def plan_download(
             pos = stop
 
     blocks.sort()
+    claimed: list[int] = []
+    deferred = 0
+    if origin_window > 0 and requester is not None:
+        blocks, claimed, deferred = _apply_claims(
+            blocks, broker_index, block, claims or {}, requester, origin_window
+        )
     sources = (
         *tuple(
             PlannedSource(h.name, h.endpoint, None if i in complete_set else tuple(h.segments.runs()))
@@ -108,7 +126,37 @@ def plan_download(
         PlannedSource(BROKER_SOURCE, origin_endpoint, None),
     )
     entries = tuple((first, count, source) for _, _, first, count, source in blocks)
-    return Plan(sources, entries)
+    return Plan(sources, entries, tuple(claimed), deferred)
+
+
+def _apply_claims(
+    blocks: list[tuple[int, int, int, int, int]],
+    broker_index: int,
+    block: int,
+    claims: dict[int, str],
+    requester: str,
+    window: int,
+) -> tuple[list[tuple[int, int, int, int, int]], list[int], int]:
+    """Keep the broker entries of blocks the requester has or may claim; defer the others."""
+    mine = {b for b, who in claims.items() if who == requester}
+    kept: list[tuple[int, int, int, int, int]] = []
+    claimed: list[int] = []
+    deferred = 0
+    for entry in blocks:
+        if entry[4] != broker_index:
+            kept.append(entry)
+            continue
+        number = entry[2] // block
+        owner = claims.get(number)
+        if owner == requester or number in claimed:
+            kept.append(entry)
+        elif owner is None and len(mine) < window:
+            mine.add(number)
+            claimed.append(number)
+            kept.append(entry)
+        else:
+            deferred += entry[3]
+    return kept, claimed, deferred
 
 
 def _plan_segments(

@@ -69,6 +69,9 @@ class Registry:
         self._by_file: dict[bytes, dict[str, SegmentSet]] = {}
         self._expiry_heap: list[tuple[float, str]] = []
         self.evicted_total = 0
+        # file_id -> block -> downloader fetching it from the origin; (peer, file_id) -> last have
+        self._origin_claims: dict[bytes, dict[int, str]] = {}
+        self._last_progress: dict[tuple[str, bytes], float] = {}
 
     # ---- membership
 
@@ -85,6 +88,7 @@ class Registry:
         replaced = old is not None
         if old is not None:
             self.remove(name)
+        self._release_claims(name)
         record = PeerRecord(name, routing_id, endpoint, now, now)
         if old is not None:  # a re-registering peer keeps its strikes: restarting must not clear them
             record.strikes, record.benched_until = old.strikes, old.benched_until
@@ -99,8 +103,13 @@ class Registry:
         heapq.heappush(self._expiry_heap, (now + self.expiry_s, name))
         return replaced
 
+    def _release_claims(self, name: str) -> None:
+        for key in [k for k in self._last_progress if k[0] == name]:
+            del self._last_progress[key]
+
     def remove(self, name: str) -> bool:
         record = self.peers.pop(name, None)
+        self._release_claims(name)
         if record is None:
             return False
         if self._by_routing.get(record.routing_id) == name:
@@ -167,6 +176,9 @@ class Registry:
 
     def forget_file(self, file_id: bytes) -> None:
         """Drop every claim on a file version the broker no longer serves."""
+        self._origin_claims.pop(file_id, None)
+        for key in [k for k in self._last_progress if k[1] == file_id]:
+            del self._last_progress[key]
         for name in self._by_file.pop(file_id, {}):
             record = self.peers.get(name)
             if record is not None:
@@ -186,6 +198,32 @@ class Registry:
                 continue
             out.append(Holder(name, record.endpoint, held, self.load_of(record, now)))
         return out
+
+    # ---- origin claims (see broker/planner.py, step 6)
+
+    def origin_claims(self, file_id: bytes, now: float, idle_s: float) -> dict[int, str]:
+        """Claims on a file's broker-only blocks that still stand: the claimant is alive and has
+        reported progress on the file within `idle_s` (a stalled or failed download releases its
+        claims, without any message). Claims that no longer stand are dropped."""
+        claims = self._origin_claims.get(file_id)
+        if not claims:
+            return {}
+        for number, who in list(claims.items()):
+            last = self._last_progress.get((who, file_id))
+            if who not in self.peers or last is None or now - last > idle_s:
+                del claims[number]
+        return dict(claims)
+
+    def claim_origin_blocks(self, file_id: bytes, name: str, blocks: Iterable[int], now: float) -> None:
+        claims = self._origin_claims.setdefault(file_id, {})
+        for number in blocks:
+            claims[number] = name
+        key = (name, file_id)
+        self._last_progress[key] = max(self._last_progress.get(key, now), now)
+
+    def note_progress(self, name: str, file_id: bytes, now: float) -> None:
+        if (name, file_id) in self._last_progress or name in self.peers:
+            self._last_progress[(name, file_id)] = now
 
     # ---- load and misbehaviour
 

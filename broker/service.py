@@ -245,7 +245,14 @@ class TrackerService(ServiceThread):
             rotate=_spread(
                 self.get_counts[manifest.file_id], manifest.segment_count, self.config.plan_block_segments
             ),
+            claims=self.registry.origin_claims(manifest.file_id, now, self.config.origin_claim_idle_s),
+            requester=peer,
+            origin_window=self.config.origin_window_blocks,
         )
+        if plan.claimed and peer is not None:
+            self.registry.claim_origin_blocks(manifest.file_id, peer, plan.claimed, now)
+        if plan.deferred:
+            self.counts["segments_deferred"] += plan.deferred
         for name, count in plan.segments_by_source().items():
             self.registry.note_planned(name, count, now)
         return FileInfo(
@@ -275,6 +282,7 @@ class TrackerService(ServiceThread):
             runs = _clip(request.runs, entry.manifest.segment_count)
             if add:
                 self.registry.add_runs(peer, request.file_id, runs)
+                self.registry.note_progress(peer, request.file_id, time.monotonic())
             else:
                 self.registry.remove_runs(peer, request.file_id, runs)
                 log.info("peer %s lost %d segments of %s", peer, sum(c for _, c in runs), entry.manifest.name)

@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 _MAX_REPLY_HEADER = 64 * 1024
 _PROGRESS_INTERVAL_S = 0.1
+_MIN_REPLAN_GAP_S = 0.02  # deferred segments: ask again at most this often
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class _Job:
     unflushed: SegmentSet = field(default_factory=SegmentSet)
     last_flush: float = 0.0
     next_replan: float = 0.0
+    last_plan_request: float = 0.0
     replanning: bool = False
     stuck_replans: int = 0
     finishing: bool = False
@@ -197,6 +199,8 @@ class Agent(ServiceThread):
                 if job.unflushed:
                     deadlines.append(job.last_flush + self.config.have_flush_interval_s)
                 deadlines.append(job.next_replan)
+                if download_waits(job):
+                    deadlines.append(job.last_plan_request + _MIN_REPLAN_GAP_S)
         if self.registered:
             deadlines.append(self._last_broker_reply + self._broker_silence_s())
         wait = min(deadlines) - now
@@ -543,10 +547,22 @@ class Agent(ServiceThread):
         self._check_stuck(job)
         if self._jobs.get(job.name) is not job:
             return
-        if now >= job.next_replan and not job.replanning and self._leans_on_broker(download):
+        if not job.replanning and self._wants_plan(job, download, now):
+            # Haves first: the broker plans from what it knows this peer holds.
+            self._flush_have(job, now)
             self._ask_plan(job)
+            job.last_plan_request = now
             job.next_replan = now + self.config.replan_interval_s
         self._pump(job, now)
+
+    def _wants_plan(self, job: _Job, download: Download, now: float) -> bool:
+        if now - job.last_plan_request < _MIN_REPLAN_GAP_S:
+            return False
+        if now >= job.next_replan and self._leans_on_broker(download):
+            return True  # peers may have gained what the broker is serving us
+        idle = not download.sources_with_work() and download.pending == 0
+        low_water = self.config.batch_segments * self.config.lanes_per_source
+        return idle or download.wants_plan(low_water)
 
     @staticmethod
     def _leans_on_broker(download: Download) -> bool:
@@ -818,6 +834,12 @@ class Agent(ServiceThread):
 
     def _count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
+
+
+def download_waits(job: _Job) -> bool:
+    """Nothing to fetch until the broker plans again (deferred segments only)."""
+    d = job.download
+    return d is not None and not d.complete and d.pending == 0 and not d.sources_with_work()
 
 
 def _lost_maker(file_id: bytes, runs: tuple[Run, ...]) -> Callable[[int], Message]:

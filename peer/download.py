@@ -18,7 +18,9 @@ moves on. When a segment has no source left, `stuck` is set and the shell fails 
 (a retry asks the broker for a fresh plan).
 
 `replan(sources, plan)` replaces the queues with a fresh plan from the broker (peers that gained
-segments since), keeping PENDING and DONE segments as they are.
+segments since), keeping PENDING and DONE segments as they are. Segments a plan leaves out are
+*deferred* (another downloader is fetching them from the origin; see broker/planner.py): they
+stay MISSING and unqueued, and `wants_plan()` tells the shell to ask again before work runs out.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Download:
         self.sources: dict[str, SourceState] = {}
         self.excluded: dict[int, set[str]] = {}  # segment -> sources that failed or refused it
         self.done = 0
+        self.pending = 0
         self.stuck: list[int] = []
         for first, count in held.runs():
             for i in range(first, first + count):
@@ -98,13 +101,13 @@ class Download:
                 old.queue.clear()
                 fresh[name] = old
         self.sources = fresh
+        self.stuck.clear()
         for first, count, index in plan:
             if not 0 <= index < len(sources) or first + count > self.segment_count:
                 continue
             target = self.sources[sources[index][0]]
             for run in self._missing_runs(first, count):
                 target.queue.append(run)
-        self._queue_orphans()
 
     def _missing_runs(self, first: int, count: int) -> list[Run]:
         out: list[Run] = []
@@ -120,16 +123,6 @@ class Download:
             out.append((i, j - i))
             i = j
         return out
-
-    def _queue_orphans(self) -> None:
-        """MISSING segments that no queue names (not in the plan) go to a source that has them."""
-        queued = bytearray(self.segment_count)
-        for source in self.sources.values():
-            for first, count in source.queue:
-                queued[first : first + count] = b"\x01" * count
-        for i in range(self.segment_count):
-            if self.state[i] == SegmentState.MISSING and not queued[i]:
-                self._requeue(i)
 
     # ---- taking work
 
@@ -150,6 +143,7 @@ class Download:
             for run in reversed(rest + runs[1:]):
                 queue.appendleft(run)
             self.state[head_first : head_first + take] = bytes([SegmentState.PENDING]) * take
+            self.pending += take
             source.in_flight += 1
             return head_first, take
         return None
@@ -163,6 +157,8 @@ class Download:
         """Segments of a run verified and written (may be a part of the run asked for)."""
         for i in range(first, first + count):
             if self.state[i] != SegmentState.DONE:
+                if self.state[i] == SegmentState.PENDING:
+                    self.pending -= 1
                 self.state[i] = SegmentState.DONE
                 self.segment_sources[i] = source_name
                 self.done += 1
@@ -196,7 +192,7 @@ class Download:
         for i in range(first, first + count):
             if timed_out:
                 if self.state[i] != SegmentState.DONE:
-                    self.state[i] = SegmentState.MISSING
+                    self._mark_missing(i)
                     self._requeue(i, avoid=source_name)
             else:
                 self._retry_elsewhere(i, source_name)
@@ -215,7 +211,7 @@ class Download:
     def _retry_elsewhere(self, index: int, failed_source: str) -> None:
         if self.state[index] == SegmentState.DONE:
             return
-        self.state[index] = SegmentState.MISSING
+        self._mark_missing(index)
         self.excluded.setdefault(index, set()).add(failed_source)
         self._requeue(index)
 
@@ -250,9 +246,26 @@ class Download:
         else:
             queue.append((index, 1))
 
+    def _mark_missing(self, index: int) -> None:
+        if self.state[index] == SegmentState.PENDING:
+            self.pending -= 1
+        self.state[index] = SegmentState.MISSING
+
     def _broker_usable(self, index: int) -> bool:
         broker = self.sources.get(BROKER)
         return broker is not None and not broker.dead and BROKER not in self.excluded.get(index, ())
+
+    def queued(self) -> int:
+        """Segments waiting in source queues (some may have been fetched since they were queued)."""
+        return sum(s.queued_segments() for s in self.sources.values() if not s.dead)
+
+    def deferred(self) -> int:
+        """MISSING segments that no queue holds: the broker left them out of the plan."""
+        return self.segment_count - self.done - self.pending - self.queued()
+
+    def wants_plan(self, low_water: int) -> bool:
+        """True when deferred segments remain and queued work is running low."""
+        return self.queued() <= low_water and self.deferred() > 0
 
     # ---- progress
 
