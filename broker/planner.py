@@ -138,7 +138,10 @@ def _apply_claims(
     window: int,
 ) -> tuple[list[tuple[int, int, int, int, int]], list[int], int]:
     """Keep the broker entries of blocks the requester has or may claim; defer the others."""
-    mine = {b for b, who in claims.items() if who == requester}
+    # Only claims on blocks the requester still needs from the broker fill its window: a block
+    # it has finished no longer counts, even before the claim itself is cleaned up.
+    still_needed = {entry[2] // block for entry in blocks if entry[4] == broker_index}
+    mine = {b for b, who in claims.items() if who == requester and b in still_needed}
     kept: list[tuple[int, int, int, int, int]] = []
     claimed: list[int] = []
     deferred = 0
