@@ -40,6 +40,7 @@ class PeerRecord:
     bench_reason: str = ""
     planned: float = 0.0  # segments recently planned from this peer (decays): its load
     planned_at: float = 0.0
+    heap_deadline: float = 0.0  # the deadline of this record's one live entry in the expiry heap
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +101,8 @@ class Registry:
         self._by_routing[routing_id] = name
         for file_id, runs in holdings:
             self.add_runs(name, file_id, runs)
-        heapq.heappush(self._expiry_heap, (now + self.expiry_s, name))
+        record.heap_deadline = now + self.expiry_s
+        heapq.heappush(self._expiry_heap, (record.heap_deadline, name))
         return replaced
 
     def _release_claims(self, name: str) -> None:
@@ -137,15 +139,16 @@ class Registry:
         evicted: list[str] = []
         heap = self._expiry_heap
         while heap and heap[0][0] <= now:
-            _, name = heapq.heappop(heap)
+            entry_deadline, name = heapq.heappop(heap)
             record = self.peers.get(name)
-            if record is None:
-                continue
+            if record is None or entry_deadline != record.heap_deadline:
+                continue  # an entry left by a record that was removed or re-registered
             deadline = record.last_seen + self.expiry_s
             if deadline <= now:
                 self.remove(name)
                 evicted.append(name)
             else:
+                record.heap_deadline = deadline
                 heapq.heappush(heap, (deadline, name))
         self.evicted_total += len(evicted)
         return evicted

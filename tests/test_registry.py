@@ -1,0 +1,406 @@
+"""Unit tests for broker/registry.py, with an injected clock (`now` arguments)."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.registry import Holder, Registry
+from common.ranges import SegmentSet
+
+pytestmark = pytest.mark.timeout(30)
+
+F1 = b"\x01" * 32
+F2 = b"\x02" * 32
+EXPIRY = 10.0
+
+
+def ep(n: int) -> str:
+    return f"tcp://10.0.0.{n}:7000"
+
+
+def reg(**kwargs: float) -> Registry:
+    return Registry(expiry_s=EXPIRY, **kwargs)  # type: ignore[arg-type]
+
+
+def names(holders: list[Holder]) -> list[str]:
+    return sorted(h.name for h in holders)
+
+
+def test_register_new_peer() -> None:
+    r = reg()
+    assert r.register("a", b"rid-a", ep(1), [(F1, [(0, 10)])], now=0.0) is False
+    rec = r.peers["a"]
+    assert (rec.name, rec.routing_id, rec.endpoint, rec.registered_at, rec.last_seen) == (
+        "a",
+        b"rid-a",
+        ep(1),
+        0.0,
+        0.0,
+    )
+    assert r.holdings_of("a", F1) == SegmentSet([(0, 10)])
+    assert r.holdings_of("a", F2) == SegmentSet()
+    assert r.holdings_of("nobody", F1) == SegmentSet()
+    hs = r.holders(F1, now=0.0)
+    assert len(hs) == 1
+    assert (hs[0].name, hs[0].endpoint, hs[0].segments, hs[0].load) == (
+        "a",
+        ep(1),
+        SegmentSet([(0, 10)]),
+        0.0,
+    )
+
+
+def test_holdings_of_returns_a_copy() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [(F1, [(0, 10)])], now=0.0)
+    copy = r.holdings_of("a", F1)
+    copy.remove(0, 10)
+    assert r.holdings_of("a", F1) == SegmentSet([(0, 10)])
+
+
+def test_register_replaces_record_with_exactly_the_new_holdings() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [(F1, [(0, 10)]), (F2, [(0, 1)])], now=0.0)
+    assert r.register("a", b"ra2", ep(2), [(F1, [(50, 5)])], now=3.0) is True
+    rec = r.peers["a"]
+    assert rec.endpoint == ep(2)
+    assert rec.registered_at == 3.0
+    assert r.holdings_of("a", F1) == SegmentSet([(50, 5)])
+    assert r.holders(F2, now=3.0) == []
+    assert F2 not in rec.holdings
+    # the old routing id no longer maps; the new one does
+    assert r.peer_by_routing(b"ra") is None
+    found = r.peer_by_routing(b"ra2")
+    assert found is not None
+    assert found.name == "a"
+    assert len(r.peers) == 1
+
+
+def test_routing_id_maps_to_peer() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0)
+    r.register("b", b"rb", ep(2), [], now=0.0)
+    a, b = r.peer_by_routing(b"ra"), r.peer_by_routing(b"rb")
+    assert a is not None and a.name == "a"
+    assert b is not None and b.name == "b"
+    assert r.peer_by_routing(b"zz") is None
+
+
+def test_new_name_on_a_used_routing_id_drops_the_stale_peer() -> None:
+    r = reg()
+    r.register("old", b"same", ep(1), [(F1, [(0, 4)])], now=0.0)
+    r.register("new", b"same", ep(2), [], now=1.0)
+    assert "old" not in r.peers
+    rec = r.peer_by_routing(b"same")
+    assert rec is not None
+    assert rec.name == "new"
+    assert r.holders(F1, now=1.0) == []
+
+
+def test_remove() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [(F1, [(0, 4)])], now=0.0)
+    r.register("b", b"rb", ep(2), [(F1, [(0, 4)])], now=0.0)
+    assert r.remove("a") is True
+    assert r.remove("a") is False
+    assert r.peer_by_routing(b"ra") is None
+    assert names(r.holders(F1, now=0.0)) == ["b"]
+    r.remove("b")
+    assert r.holders(F1, now=0.0) == []
+
+
+def test_touch() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0)
+    assert r.touch("a", 4.0) is True
+    assert r.peers["a"].last_seen == 4.0
+    assert r.touch("ghost", 4.0) is False
+
+
+def test_expire_at_the_boundary() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [(F1, [(0, 1)])], now=100.0)
+    assert r.next_expiry() == 100.0 + EXPIRY
+    assert r.expire(100.0 + EXPIRY - 1e-6) == []
+    assert "a" in r.peers
+    # alive while now - last_seen < expiry_s: at exactly expiry_s it is gone
+    assert r.expire(100.0 + EXPIRY) == ["a"]
+    assert "a" not in r.peers
+    assert r.peer_by_routing(b"ra") is None
+    assert r.holders(F1, now=100.0 + EXPIRY) == []
+    assert r.evicted_total == 1
+    assert r.expire(1000.0) == []
+    assert r.evicted_total == 1
+
+
+def test_expire_well_after_the_deadline() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0)
+    r.register("b", b"rb", ep(2), [], now=5.0)
+    assert sorted(r.expire(12.0)) == ["a"]
+    assert sorted(r.expire(100.0)) == ["b"]
+    assert r.evicted_total == 2
+    assert r.next_expiry() is None
+
+
+def test_touched_peer_survives_lazy_heap_and_expires_later() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0)
+    r.register("b", b"rb", ep(2), [], now=0.0)
+    r.touch("a", 6.0)
+    # b's time is up; a's heap entry comes due too but a was seen since: pushed back, not evicted
+    assert r.expire(EXPIRY) == ["b"]
+    assert "a" in r.peers
+    assert r.next_expiry() == 16.0
+    assert r.expire(16.0 - 1e-6) == []
+    r.touch("a", 15.0)  # seen again before the new deadline
+    assert r.expire(16.0) == []
+    assert r.next_expiry() == 25.0
+    assert r.expire(25.0) == ["a"]
+
+
+def test_heartbeats_keep_a_peer_alive_indefinitely() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0)
+    t = 0.0
+    for _ in range(100):
+        t += EXPIRY * 0.9
+        r.touch("a", t)
+        assert r.expire(t) == []
+    assert "a" in r.peers
+    assert r.expire(t + EXPIRY) == ["a"]
+
+
+def test_reregistered_peer_is_judged_by_its_new_record() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0)
+    r.register("a", b"ra", ep(1), [], now=8.0)
+    assert r.expire(EXPIRY) == []  # the first heap entry is stale
+    assert r.expire(18.0) == ["a"]
+    assert r.evicted_total == 1
+
+
+def test_removed_peer_heap_entry_is_skipped() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0)
+    r.remove("a")
+    assert r.expire(100.0) == []
+    assert r.evicted_total == 0
+
+
+def test_holders_excludes_requester_benched_and_empty() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [(F1, [(0, 10)])], now=0.0)
+    r.register("b", b"rb", ep(2), [(F1, [(0, 5)])], now=0.0)
+    r.register("c", b"rc", ep(3), [(F1, [(5, 5)])], now=0.0)
+    r.register("d", b"rd", ep(4), [(F2, [(0, 5)])], now=0.0)
+    assert names(r.holders(F1, now=1.0)) == ["a", "b", "c"]
+    assert names(r.holders(F1, now=1.0, exclude="a")) == ["b", "c"]
+    assert names(r.holders(F2, now=1.0)) == ["d"]
+    assert r.holders(b"\x09" * 32, now=1.0) == []
+    r.remove_runs("c", F1, [(5, 5)])  # claim emptied: not a holder
+    assert names(r.holders(F1, now=1.0)) == ["a", "b"]
+    r.peers["b"].benched_until = 5.0
+    assert names(r.holders(F1, now=4.9)) == ["a"]
+    assert names(r.holders(F1, now=5.0)) == ["a", "b"]
+
+
+def test_add_runs_and_remove_runs() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0)
+    r.add_runs("a", F1, [(0, 5), (10, 5)])
+    r.add_runs("a", F1, [(5, 5)])
+    assert r.holdings_of("a", F1).runs() == [(0, 15)]
+    assert r.holders(F1, now=0.0)[0].segments.runs() == [(0, 15)]
+    r.remove_runs("a", F1, [(3, 2), (14, 10)])
+    assert r.holdings_of("a", F1).runs() == [(0, 3), (5, 9)]
+    # unknown peer or file: ignored
+    r.add_runs("ghost", F1, [(0, 1)])
+    r.remove_runs("ghost", F1, [(0, 1)])
+    r.remove_runs("a", F2, [(0, 1)])
+    assert "ghost" not in r.peers
+    assert r.holders(F2, now=0.0) == []
+
+
+def test_forget_file() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [(F1, [(0, 5)]), (F2, [(0, 5)])], now=0.0)
+    r.register("b", b"rb", ep(2), [(F1, [(0, 5)])], now=0.0)
+    r.forget_file(F1)
+    assert r.holders(F1, now=0.0) == []
+    assert r.holdings_of("a", F1) == SegmentSet()
+    assert F1 not in r.peers["a"].holdings
+    assert F1 not in r.peers["b"].holdings
+    assert names(r.holders(F2, now=0.0)) == ["a"]
+    r.forget_file(F1)  # twice: harmless
+    # the file can be claimed again afterwards
+    r.add_runs("b", F1, [(1, 1)])
+    assert names(r.holders(F1, now=0.0)) == ["b"]
+    # and removing a peer after forget_file does not trip over the missing index
+    assert r.remove("a") is True
+    assert names(r.holders(F2, now=0.0)) == []
+
+
+def test_report_bad_without_strike_only_drops_the_claim() -> None:
+    r = reg(strike_limit=1)
+    r.register("a", b"ra", ep(1), [(F1, [(0, 10)])], now=0.0)
+    assert r.report_bad("a", F1, [(2, 3)], "refused", now=1.0, strike=False) is False
+    assert r.holdings_of("a", F1).runs() == [(0, 2), (5, 5)]
+    assert r.peers["a"].strikes == []
+    assert r.peers["a"].benched_until == 0.0
+    assert names(r.holders(F1, now=1.0)) == ["a"]
+
+
+def test_report_bad_strikes_and_benches_after_the_limit() -> None:
+    r = reg(strike_limit=3, strike_window_s=60.0, bench_s=30.0)
+    r.register("a", b"ra", ep(1), [(F1, [(0, 10)])], now=0.0)
+    assert r.report_bad("a", F1, [(0, 1)], "checksum mismatch", now=1.0) is False
+    assert r.report_bad("a", F1, [(1, 1)], "checksum mismatch", now=2.0) is False
+    assert names(r.holders(F1, now=2.0)) == ["a"]
+    assert r.report_bad("a", F1, [(2, 1)], "malformed reply", now=3.0) is True
+    rec = r.peers["a"]
+    assert rec.benched_until == 33.0
+    assert rec.bench_reason == "malformed reply"
+    assert r.holdings_of("a", F1).runs() == [(3, 7)]  # every reported claim dropped
+    assert r.holders(F1, now=3.0) == []
+    assert r.holders(F1, now=32.9) == []
+    # benched again while benched: no new bench, no extension
+    assert r.report_bad("a", F1, [(3, 1)], "checksum mismatch", now=10.0) is False
+    assert rec.benched_until == 33.0
+    # un-benched after bench_s
+    assert names(r.holders(F1, now=33.0)) == ["a"]
+
+
+def test_strikes_outside_the_window_do_not_count() -> None:
+    r = reg(strike_limit=3, strike_window_s=10.0, bench_s=5.0)
+    r.register("a", b"ra", ep(1), [(F1, [(0, 100)])], now=0.0)
+    assert r.report_bad("a", F1, [(0, 1)], "bad", now=0.0) is False
+    assert r.report_bad("a", F1, [(1, 1)], "bad", now=5.0) is False
+    # the strike at t=0 is exactly window old at t=10: it no longer counts
+    assert r.report_bad("a", F1, [(2, 1)], "bad", now=10.0) is False
+    assert r.peers["a"].strikes == [5.0, 10.0]
+    assert r.report_bad("a", F1, [(3, 1)], "bad", now=14.9) is True
+    assert r.peers["a"].benched_until == pytest.approx(19.9)
+
+
+def test_report_bad_on_unknown_peer() -> None:
+    r = reg(strike_limit=1)
+    assert r.report_bad("ghost", F1, [(0, 1)], "bad", now=0.0) is False
+
+
+def test_strikes_and_bench_survive_reregistration() -> None:
+    r = reg(strike_limit=2, bench_s=30.0)
+    r.register("a", b"ra", ep(1), [(F1, [(0, 10)])], now=0.0)
+    r.report_bad("a", F1, [(0, 1)], "bad", now=1.0)
+    assert r.report_bad("a", F1, [(1, 1)], "bad", now=2.0) is True
+    r.register("a", b"ra", ep(1), [(F1, [(0, 10)])], now=3.0)  # restarting must not clear them
+    rec = r.peers["a"]
+    assert rec.benched_until == 32.0
+    assert rec.strikes == [1.0, 2.0]
+    assert rec.bench_reason == "bad"
+    assert r.holders(F1, now=4.0) == []
+    assert names(r.holders(F1, now=32.0)) == ["a"]
+
+
+def test_load_decays_with_half_life() -> None:
+    r = reg(load_half_life_s=2.0)
+    r.register("a", b"ra", ep(1), [(F1, [(0, 10)])], now=0.0)
+    rec = r.peers["a"]
+    assert r.load_of(rec, 0.0) == 0.0
+    r.note_planned("a", 100, now=10.0)
+    assert r.load_of(rec, 10.0) == pytest.approx(100.0)
+    assert r.load_of(rec, 12.0) == pytest.approx(50.0)
+    assert r.load_of(rec, 14.0) == pytest.approx(25.0)
+    assert r.load_of(rec, 5.0) == pytest.approx(100.0)  # a clock step back does not grow the load
+    r.note_planned("a", 10, now=12.0)  # decayed 50 plus 10
+    assert r.load_of(rec, 12.0) == pytest.approx(60.0)
+    assert r.load_of(rec, 14.0) == pytest.approx(30.0)
+    assert r.holders(F1, now=14.0)[0].load == pytest.approx(30.0)
+    r.note_planned("ghost", 10, now=12.0)  # unknown: ignored
+    assert "ghost" not in r.peers
+
+
+def test_holders_report_each_peers_own_load() -> None:
+    r = reg(load_half_life_s=1.0)
+    r.register("a", b"ra", ep(1), [(F1, [(0, 10)])], now=0.0)
+    r.register("b", b"rb", ep(2), [(F1, [(0, 10)])], now=0.0)
+    r.note_planned("a", 64, now=0.0)
+    loads = {h.name: h.load for h in r.holders(F1, now=1.0)}
+    assert loads == {"a": pytest.approx(32.0), "b": 0.0}
+
+
+def test_reregistering_does_not_grow_the_expiry_heap() -> None:
+    r = reg()
+    for i in range(100):
+        r.register("a", b"ra", ep(1), [], now=i * 0.01)
+    t = 1.0
+    for _ in range(5):  # heartbeats keep the peer alive across several expiry passes
+        t += EXPIRY * 0.9
+        r.touch("a", t)
+        assert r.expire(t) == []
+    assert len(r._expiry_heap) <= 2  # one live entry per peer (a stale one may linger until due)
+
+
+# --------------------------------------------------------------------------- origin claims
+
+
+def test_origin_claims_stand_while_the_claimant_progresses() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0)
+    assert r.origin_claims(F1, now=0.0, idle_s=2.0) == {}
+    r.claim_origin_blocks(F1, "a", [3, 5], now=1.0)
+    assert r.origin_claims(F1, now=1.0, idle_s=2.0) == {3: "a", 5: "a"}
+    assert r.origin_claims(F1, now=3.0, idle_s=2.0) == {3: "a", 5: "a"}  # exactly idle_s: still stands
+    r.note_progress("a", F1, now=2.5)
+    assert r.origin_claims(F1, now=4.5, idle_s=2.0) == {3: "a", 5: "a"}
+    assert r.origin_claims(F2, now=4.5, idle_s=2.0) == {}  # per file
+
+
+def test_origin_claims_lapse_without_progress_and_stay_dropped() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0)
+    r.claim_origin_blocks(F1, "a", [0, 1], now=0.0)
+    r.note_progress("a", F2, now=5.0)  # progress on another file does not count
+    assert r.origin_claims(F1, now=2.01, idle_s=2.0) == {}
+    r.note_progress("a", F1, now=2.5)
+    assert r.origin_claims(F1, now=2.5, idle_s=2.0) == {}  # dropped claims do not come back
+
+
+def test_origin_claims_of_a_removed_or_expired_peer_are_dropped() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0)
+    r.register("b", b"rb", ep(2), [], now=0.0)
+    r.claim_origin_blocks(F1, "a", [0], now=0.0)
+    r.claim_origin_blocks(F1, "b", [1], now=0.0)
+    r.remove("a")
+    assert r.origin_claims(F1, now=0.5, idle_s=2.0) == {1: "b"}
+    r.touch("b", 0.0)
+    assert r.expire(EXPIRY) == ["b"]
+    assert r.origin_claims(F1, now=EXPIRY, idle_s=100.0) == {}
+
+
+def test_reregistering_releases_origin_claims() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0)
+    r.claim_origin_blocks(F1, "a", [7], now=0.0)
+    r.register("a", b"ra", ep(1), [], now=0.5)  # a restarted peer is not fetching block 7 any more
+    assert r.origin_claims(F1, now=0.5, idle_s=2.0) == {}
+
+
+def test_a_new_claim_takes_over_a_block() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0)
+    r.register("b", b"rb", ep(2), [], now=0.0)
+    r.claim_origin_blocks(F1, "a", [0, 1], now=0.0)
+    r.claim_origin_blocks(F1, "b", [1], now=0.0)
+    assert r.origin_claims(F1, now=0.0, idle_s=2.0) == {0: "a", 1: "b"}
+
+
+def test_forget_file_drops_origin_claims() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0)
+    r.claim_origin_blocks(F1, "a", [0], now=0.0)
+    r.claim_origin_blocks(F2, "a", [0], now=0.0)
+    r.forget_file(F1)
+    assert r.origin_claims(F1, now=0.0, idle_s=2.0) == {}
+    assert r.origin_claims(F2, now=0.0, idle_s=2.0) == {0: "a"}
