@@ -157,6 +157,7 @@ def run_prompt(peer: Peer, as_json: bool) -> int:
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean stop must not be interrupted
     raise KeyboardInterrupt
 
 

@@ -26,12 +26,15 @@ stay MISSING and unqueued, and `wants_plan()` tells the shell to ask again befor
 from __future__ import annotations
 
 import enum
+import re
 from collections import deque
 from dataclasses import dataclass, field
 
 from common.ranges import Run, SegmentSet
 
 BROKER = "broker"
+_MISSING_RUN = re.compile(b"\\x00+")  # SegmentState.MISSING
+_NOT_DONE_RUN = re.compile(b"[\\x00\\x01]+")  # MISSING or PENDING
 
 
 class SegmentState(enum.IntEnum):
@@ -48,7 +51,11 @@ class SourceState:
     queue: deque[Run] = field(default_factory=deque)
     timeouts_in_a_row: int = 0
     dead: bool = False
-    in_flight: int = 0
+    requests: list[Run] = field(default_factory=list)  # runs asked of this source, unanswered
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.requests)
 
     def has(self, index: int) -> bool:
         return self.holds is None or index in self.holds
@@ -74,6 +81,7 @@ class Download:
         self.excluded: dict[int, set[str]] = {}  # segment -> sources that failed or refused it
         self.done = 0
         self.pending = 0
+        self.outstanding = bytearray(segment_count)  # requests in flight covering each segment
         self.stuck: list[int] = []
         for first, count in held.runs():
             for i in range(first, first + count):
@@ -94,7 +102,7 @@ class Download:
             state = SourceState(name, endpoint, holds)
             if old is not None:
                 # A fresh plan names live sources: a source dead to us gets another chance.
-                state.in_flight = old.in_flight
+                state.requests = old.requests
             fresh[name] = state
         for name, old in known.items():  # sources with requests in flight stay until they answer
             if name not in fresh and old.in_flight:
@@ -110,19 +118,9 @@ class Download:
                 target.queue.append(run)
 
     def _missing_runs(self, first: int, count: int) -> list[Run]:
-        out: list[Run] = []
-        i, end = first, first + count
-        state = self.state
-        while i < end:
-            if state[i] != SegmentState.MISSING:
-                i += 1
-                continue
-            j = i
-            while j < end and state[j] == SegmentState.MISSING:
-                j += 1
-            out.append((i, j - i))
-            i = j
-        return out
+        # A regex over the state bytes finds the runs at C speed: this runs for every plan entry
+        # of every replan and every take, so a Python loop per segment would dominate.
+        return [(m.start(), m.end() - m.start()) for m in _MISSING_RUN.finditer(self.state, first, first + count)]
 
     # ---- taking work
 
@@ -144,9 +142,44 @@ class Download:
                 queue.appendleft(run)
             self.state[head_first : head_first + take] = bytes([SegmentState.PENDING]) * take
             self.pending += take
-            source.in_flight += 1
+            self._ask(source, (head_first, take))
             return head_first, take
         return None
+
+    def _ask(self, source: SourceState, run: Run) -> None:
+        first, count = run
+        source.requests.append(run)
+        out = self.outstanding
+        for i in range(first, first + count):
+            out[i] += 1
+
+    def take_endgame(self, source_name: str, stragglers: list[tuple[str, Run]]) -> Run | None:
+        """Endgame: nothing is left to ask for the first time, so ask this idle source for one of
+        the `stragglers` (runs in flight elsewhere for too long, as the shell judges); the first
+        verified copy wins. One duplicate per run at most."""
+        source = self.sources.get(source_name)
+        if source is None or source.dead or source.requests or source_name == BROKER:
+            return None  # never the origin: sparing it matters more than a faster tail
+        for other_name, (first, count) in stragglers:
+            if other_name != source_name:
+                end = first + count
+                if any(self.outstanding[i] != 1 for i in range(first, end)):
+                    continue
+                if source.holds is not None and not source.holds.covers(first, count):
+                    continue
+                if any(source_name in self.excluded.get(i, ()) for i in range(first, end)):
+                    continue
+                if all(self.state[i] == SegmentState.PENDING for i in range(first, end)):
+                    self._ask(source, (first, count))
+                    return first, count
+        return None
+
+    def in_endgame(self) -> bool:
+        return self.pending > 0 and self.queued() == 0 and self.deferred() == 0
+
+    def not_done_runs(self, first: int, count: int) -> list[Run]:
+        """The parts of a run not yet DONE (a duplicate reply must not write twice)."""
+        return [(m.start(), m.end() - m.start()) for m in _NOT_DONE_RUN.finditer(self.state, first, first + count)]
 
     def sources_with_work(self) -> list[str]:
         return [s.name for s in self.sources.values() if s.queue and not s.dead]
@@ -155,6 +188,7 @@ class Download:
 
     def on_done(self, source_name: str, first: int, count: int) -> None:
         """Segments of a run verified and written (may be a part of the run asked for)."""
+        self.on_reply(source_name, first, count)
         for i in range(first, first + count):
             if self.state[i] != SegmentState.DONE:
                 if self.state[i] == SegmentState.PENDING:
@@ -166,13 +200,23 @@ class Download:
         if source is not None:
             source.timeouts_in_a_row = 0
 
-    def on_reply(self, source_name: str) -> None:
-        """A request to this source ended (whatever its outcome)."""
+    def on_reply(self, source_name: str, first: int, count: int) -> None:
+        """A request to this source ended, whatever its outcome. The outcome calls below do this
+        too, for the request they answer; calling it first is harmless."""
         source = self.sources.get(source_name)
-        if source is not None and source.in_flight > 0:
-            source.in_flight -= 1
+        if source is None:
+            return
+        end = first + count
+        for req in [r for r in source.requests if r[0] < end and first < r[0] + r[1]]:
+            source.requests.remove(req)
+            out = self.outstanding
+            for i in range(req[0], req[0] + req[1]):
+                if out[i]:
+                    out[i] -= 1
 
     def on_refused(self, source_name: str, runs: list[Run]) -> None:
+        for first, count in runs:
+            self.on_reply(source_name, first, count)
         for first, count in runs:
             for i in range(first, first + count):
                 self._retry_elsewhere(i, source_name)
@@ -184,6 +228,7 @@ class Download:
     def on_failed(self, source_name: str, first: int, count: int, timed_out: bool) -> None:
         """Bad bytes exclude the source for these segments; a timeout only steers them elsewhere
         (the source may just be slow) until `dead_after` timeouts in a row drop it."""
+        self.on_reply(source_name, first, count)
         source = self.sources.get(source_name)
         if source is not None and timed_out:
             source.timeouts_in_a_row += 1
@@ -191,7 +236,7 @@ class Download:
                 self.mark_dead(source_name)
         for i in range(first, first + count):
             if timed_out:
-                if self.state[i] != SegmentState.DONE:
+                if self.state[i] != SegmentState.DONE and not self.outstanding[i]:
                     self._mark_missing(i)
                     self._requeue(i, avoid=source_name)
             else:
@@ -211,8 +256,10 @@ class Download:
     def _retry_elsewhere(self, index: int, failed_source: str) -> None:
         if self.state[index] == SegmentState.DONE:
             return
-        self._mark_missing(index)
         self.excluded.setdefault(index, set()).add(failed_source)
+        if self.outstanding[index]:
+            return  # another request for it is still in flight (endgame): it decides
+        self._mark_missing(index)
         self._requeue(index)
 
     def _requeue(self, index: int, avoid: str | None = None) -> None:
@@ -274,11 +321,7 @@ class Download:
         return self.done == self.segment_count
 
     def missing(self) -> SegmentSet:
-        out = SegmentSet()
-        for i, s in enumerate(self.state):
-            if s != SegmentState.DONE:
-                out.add(i, 1)
-        return out
+        return SegmentSet((m.start(), m.end() - m.start()) for m in _NOT_DONE_RUN.finditer(self.state))
 
     def source_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

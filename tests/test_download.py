@@ -46,7 +46,7 @@ def drain(d: Download, name: str) -> list[Run]:
 
 
 def finish(d: Download, name: str, run: Run) -> None:
-    d.on_reply(name)
+    d.on_reply(name, *run)
     d.on_done(name, *run)
 
 
@@ -152,7 +152,7 @@ def test_on_done_counts_each_segment_once() -> None:
     d.replan([peer("a"), broker()], [(0, 10, 0)])
     run = d.take("a")
     assert run == (0, 10)
-    d.on_reply("a")
+    d.on_reply("a", *run)
     d.on_done("a", 0, 4)  # a part of the run
     assert d.done == 4
     assert states(d, 0, 4) == {SegmentState.DONE}
@@ -169,8 +169,8 @@ def test_on_done_counts_each_segment_once() -> None:
 def test_on_reply_never_goes_negative() -> None:
     d = Download(4, SegmentSet(), batch=4)
     d.replan([broker()], [(0, 4, 0)])
-    d.on_reply(BROKER)
-    d.on_reply("ghost")
+    d.on_reply(BROKER, 0, 4)
+    d.on_reply("ghost", 0, 4)
     assert d.sources[BROKER].in_flight == 0
 
 
@@ -178,17 +178,18 @@ def test_on_refused_moves_segments_to_another_holder_then_the_broker() -> None:
     d = Download(10, SegmentSet(), batch=10)
     d.replan([peer("a"), peer("b"), broker()], [(0, 10, 0)])
     assert d.take("a") == (0, 10)
-    d.on_reply("a")
+    d.on_reply("a", 0, 10)
     d.on_refused("a", [(0, 10)])
     assert states(d, 0, 10) == {SegmentState.MISSING}
     assert queued(d, "b") == set(range(10))  # a peer first
     assert queued(d, BROKER) == set()
     assert all("a" in d.excluded[i] for i in range(10))
     assert d.take("b") == (0, 10)
-    d.on_reply("b")
+    d.on_reply("b", 0, 10)
     d.on_refused("b", [(0, 10)])
     assert queued(d, BROKER) == set(range(10))  # the broker last
     assert d.take(BROKER) == (0, 10)
+    d.on_reply(BROKER, 0, 10)
     d.on_refused(BROKER, [(0, 10)])
     assert sorted(d.stuck) == list(range(10))
     covered(d)
@@ -242,7 +243,7 @@ def test_bad_bytes_never_kill_a_source_but_exclude_it() -> None:
     d.replan([peer("a"), broker()], [(0, 10, 0)])
     for i in range(5):
         assert d.take("a") == (i, 1)
-        d.on_reply("a")
+        d.on_reply("a", i, 1)
         d.on_failed("a", i, 1, timed_out=False)
     assert not d.sources["a"].dead
     assert d.sources["a"].timeouts_in_a_row == 0
@@ -254,12 +255,12 @@ def test_two_timeouts_in_a_row_kill_a_source_and_requeue_its_queue() -> None:
     d = Download(10, SegmentSet(), batch=2, dead_after=2)
     d.replan([peer("a"), peer("b"), broker()], [(0, 10, 0)])
     assert d.take("a") == (0, 2)
-    d.on_reply("a")
+    d.on_reply("a", 0, 2)
     d.on_failed("a", 0, 2, timed_out=True)
     assert not d.sources["a"].dead
     assert queued(d, "b") == {0, 1}
     assert d.take("a") == (2, 2)
-    d.on_reply("a")
+    d.on_reply("a", 2, 2)
     d.on_failed("a", 2, 2, timed_out=True)
     assert d.sources["a"].dead
     assert list(d.sources["a"].queue) == []
@@ -306,12 +307,12 @@ def test_a_slow_only_source_is_retried_when_nothing_else_holds_the_segment() -> 
     d = Download(4, SegmentSet(), batch=4, dead_after=2)
     d.replan([broker()], [(0, 4, 0)])
     assert d.take(BROKER) == (0, 4)
-    d.on_reply(BROKER)
+    d.on_reply(BROKER, 0, 4)
     d.on_failed(BROKER, 0, 4, timed_out=True)
     assert d.stuck == []
     assert queued(d, BROKER) == set(range(4))  # the only source: asked again
     assert d.take(BROKER) == (0, 4)
-    d.on_reply(BROKER)
+    d.on_reply(BROKER, 0, 4)
     d.on_failed(BROKER, 0, 4, timed_out=True)  # second in a row: dead
     assert d.sources[BROKER].dead
     assert sorted(d.stuck) == [0, 1, 2, 3]
@@ -501,7 +502,7 @@ def test_replan_gives_a_dead_source_another_chance() -> None:
     for _ in range(2):
         run = d.take("a")
         assert run is not None
-        d.on_reply("a")
+        d.on_reply("a", *run)
         d.on_failed("a", *run, timed_out=True)
     assert d.sources["a"].dead
     assert d.take("a") is None
@@ -595,7 +596,7 @@ def test_random_outcomes_never_lose_a_segment(seed: int) -> None:
             deferring = True
         elif in_flight and (rng.random() < 0.5 or not d.sources_with_work()):
             name, run = in_flight.pop(rng.randrange(len(in_flight)))
-            d.on_reply(name)
+            d.on_reply(name, *run)
             roll = rng.random()
             if roll < 0.5:
                 d.on_done(name, *run)
@@ -620,7 +621,7 @@ def test_random_outcomes_never_lose_a_segment(seed: int) -> None:
         if not deferring:
             covered(d)
     for name, run in in_flight:
-        d.on_reply(name)
+        d.on_reply(name, *run)
         d.on_done(name, *run)
     accounted(d)
     drive_to_completion(d)
