@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -21,6 +21,9 @@ class BrokerConfig(ConfigModel):
     origin_port: int = Field(default=5557, ge=0, le=65535)
     heartbeat_interval_s: float = Field(default=1.0, ge=0.01, le=3600.0)
     heartbeat_liveness: int = Field(default=3, ge=1, le=100)
+    # "swarm": peers first, the broker as the fallback. "origin_only": every segment from the
+    # broker (a plain central server: the baseline the benchmarks compare the swarm against).
+    plan_policy: Literal["swarm", "origin_only"] = "swarm"
     plan_block_segments: int = Field(default=64, ge=1, le=1024)
     origin_lanes: int = Field(default=2, ge=1, le=64)  # concurrent origin requests per downloader
     # Super-seeding: blocks a downloader may be fetching from the origin at once while other

@@ -247,7 +247,7 @@ class TrackerService(ServiceThread):
             ),
             claims=self.registry.origin_claims(manifest.file_id, now, self.config.origin_claim_idle_s),
             requester=peer,
-            origin_window=self.config.origin_window_blocks,
+            origin_window=self.config.origin_window_blocks if self.config.plan_policy == "swarm" else 0,
         )
         if plan.claimed and peer is not None:
             self.registry.claim_origin_blocks(manifest.file_id, peer, plan.claimed, now)
@@ -269,6 +269,8 @@ class TrackerService(ServiceThread):
 
     def _candidates(self, file_id: bytes, now: float, requester: str | None) -> list[Holder]:
         """Holders to plan over: all of them up to MAX_PLAN_SOURCES, else the least loaded."""
+        if self.config.plan_policy == "origin_only":
+            return []
         holders = self.registry.holders(file_id, now, exclude=requester)
         if len(holders) > MAX_PLAN_SOURCES:
             holders = heapq.nsmallest(MAX_PLAN_SOURCES, holders, key=lambda h: h.load)

@@ -83,7 +83,8 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 _MAX_REPLY_HEADER = 64 * 1024
 _PROGRESS_INTERVAL_S = 0.1
-_MIN_REPLAN_GAP_S = 0.02  # deferred segments: ask again at most this often
+_MIN_REPLAN_GAP_S = 0.02
+_MAX_REQUEST_TIMEOUT_S = 60.0  # deferred segments: ask again at most this often
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,33 @@ class _Lane:
     endpoint: str
     sock: zmq.Socket[Any] | None = None
     request: Run | None = None
+    sent_at: float = 0.0
     deadline: float = 0.0
+
+
+class _ReplyTimes:
+    """Smoothed reply time of one source (RFC 6298 style), so that a loaded but healthy source on
+    a slow link is given the time it needs, while `request_timeout_s` stays the floor."""
+
+    def __init__(self) -> None:
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+
+    def sample(self, seconds: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = seconds, seconds / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - seconds)
+            self.srtt = 0.875 * self.srtt + 0.125 * seconds
+
+    def timeout(self, floor: float) -> float:
+        if self.srtt is None:
+            return floor
+        return min(max(floor, self.srtt + 4 * self.rttvar), _MAX_REQUEST_TIMEOUT_S)
+
+    def patience(self, floor: float) -> float:
+        """How long a request may take before it counts as a straggler (endgame)."""
+        return max(floor / 4, 2 * self.srtt) if self.srtt is not None else floor / 4
 
 
 @dataclass
@@ -165,6 +192,7 @@ class Agent(ServiceThread):
         self._next_register = 0.0
         self._jobs: dict[str, _Job] = {}
         self._lanes_by_sock: dict[zmq.Socket[Any], _Lane] = {}
+        self._reply_times: dict[str, _ReplyTimes] = {}  # by endpoint
         self._bad_log = RateLimitedLog(log)
         self._broker_down_logged = False
 
@@ -190,13 +218,12 @@ class Agent(ServiceThread):
     def next_timeout_ms(self, now: float) -> int:
         deadlines = [self._next_heartbeat if self.registered else self._next_register]
         deadlines.extend(p.deadline for p in self._pending.values())
-        patience = self.config.request_timeout_s * 0.75
         for lane in self._lanes_by_sock.values():
             if lane.request is not None:
                 deadlines.append(lane.deadline)
                 download = lane.job.download
-                if download is not None and lane.deadline - patience > now and download.in_endgame():
-                    deadlines.append(lane.deadline - patience)  # when it becomes a straggler
+                if download is not None and download.in_endgame():
+                    deadlines.append(lane.sent_at + self._patience(lane.endpoint))  # a straggler then
         for job in self._jobs.values():
             deadlines.append(job.deadline)
             if job.download is not None and not job.finishing:
@@ -597,14 +624,13 @@ class Agent(ServiceThread):
                     break
                 self._send_on_lane(job, lane, run, now)
         if download.in_endgame():
-            # Stragglers: runs in flight for a quarter of the request timeout (a healthy source
-            # answers a 1 MiB run in milliseconds on a LAN, ~0.1 s on a 100 Mbit/s uplink).
-            patience = self.config.request_timeout_s * 0.75
+            # Stragglers: runs in flight for twice their source's usual reply time (at least a
+            # quarter of the request timeout).
             stragglers: list[tuple[str, Run]] = [
                 (lane.source, lane.request)
                 for lanes in job.lanes.values()
                 for lane in lanes
-                if lane.request is not None and lane.deadline - now < patience
+                if lane.request is not None and now - lane.sent_at >= self._patience(lane.endpoint)
             ]
             for source_name, source in download.sources.items() if stragglers else ():
                 run = download.take_endgame(source_name, stragglers)
@@ -632,13 +658,20 @@ class Agent(ServiceThread):
             self.poller.register(lane.sock, zmq.POLLIN)
             self._lanes_by_sock[lane.sock] = lane
         lane.request = run
-        lane.deadline = now + self.config.request_timeout_s
+        lane.sent_at = now
+        times = self._reply_times.get(lane.endpoint)
+        timeout = times.timeout(self.config.request_timeout_s) if times else self.config.request_timeout_s
+        lane.deadline = now + timeout
         try:
             lane.sock.send_multipart(
                 protocol.encode(SegmentRequest(job.manifest.file_id, run[0], run[1])), zmq.NOBLOCK
             )
         except zmq.ZMQError:
             pass  # not connected yet and nothing queued: the lane times out and is replaced
+
+    def _patience(self, endpoint: str) -> float:
+        times = self._reply_times.get(endpoint)
+        return times.patience(self.config.request_timeout_s) if times else self.config.request_timeout_s / 4
 
     def _close_lane(self, lane: _Lane) -> None:
         if lane.sock is not None:
@@ -659,7 +692,7 @@ class Agent(ServiceThread):
             "%s: no reply from %s within %.1f s; asking elsewhere",
             job.name,
             lane.source,
-            self.config.request_timeout_s,
+            lane.deadline - lane.sent_at,
         )
 
     def _on_lane_reply(self, lane: _Lane) -> None:
@@ -672,6 +705,7 @@ class Agent(ServiceThread):
         if run is None or job.download is None or job.manifest is None or job.finishing:
             return
         lane.request = None
+        self._reply_times.setdefault(lane.endpoint, _ReplyTimes()).sample(time.monotonic() - lane.sent_at)
         download = job.download
         download.on_reply(lane.source, run[0], run[1])
         try:
