@@ -26,9 +26,11 @@ class BrokerConfig(ConfigModel):
     plan_policy: Literal["swarm", "origin_only"] = "swarm"
     plan_block_segments: int = Field(default=64, ge=1, le=1024)
     origin_lanes: int = Field(default=2, ge=1, le=64)  # concurrent origin requests per downloader
-    # Super-seeding: blocks a downloader may be fetching from the origin at once while other
-    # downloaders wait to get them from it (0: every downloader gets every block it needs).
-    origin_window_blocks: int = Field(default=8, ge=0, le=1 << 20)
+    # Super-seeding: blocks of one file the origin may be serving to its downloaders at once,
+    # split among them (see broker/planner.py); a block one downloader is fetching from the
+    # origin is deferred for the others, who get it from that downloader later.
+    # 0: no claims (every downloader gets from the origin every block no peer has).
+    origin_window_blocks: int = Field(default=32, ge=0, le=1 << 20)
     # A claim lapses when its downloader reports no progress on the file for this long.
     origin_claim_idle_s: float = Field(default=2.0, gt=0.0)
     strike_limit: int = Field(default=3, ge=1)  # bad-bytes reports before a peer is benched

@@ -18,8 +18,10 @@ Steps
 6. Origin claims (super-seeding): a block only the broker has goes to at most one downloader at
    a time. A block claimed by another live downloader is deferred (left out of the plan: the
    downloader asks again when it runs out of work, and by then the claimant holds it and serves
-   it as a peer); a downloader claims at most `origin_window` blocks at once. So a crowd of new
-   downloaders makes the origin upload each block about once, and they trade the rest.
+   it as a peer); a downloader claims at most `origin_window` blocks at once (`origin_share`: the
+   per-file budget split among the downloaders claiming, never more than an eighth of the file,
+   never fewer than the lanes to the origin). So a crowd of new downloaders makes the origin
+   upload each block about once, and they trade the rest.
 """
 
 from __future__ import annotations
@@ -127,6 +129,18 @@ def plan_download(
     )
     entries = tuple((first, count, source) for _, _, first, count, source in blocks)
     return Plan(sources, entries, tuple(claimed), deferred)
+
+
+def origin_share(budget: int, lanes: int, claims: dict[int, str], requester: str, block_total: int) -> int:
+    """How many broker-only blocks the requester may have claimed at once.
+
+    The eighth-of-a-file cap is for the first comer: it cannot know that others will ask a
+    moment later, and must not claim a whole small file before they do.
+    """
+    if budget <= 0:
+        return 0
+    claimants = set(claims.values()) | {requester}
+    return max(lanes, min(budget // len(claimants), -(-block_total // 8)))
 
 
 def _apply_claims(

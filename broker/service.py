@@ -22,7 +22,7 @@ import zmq
 
 from broker.catalog import Catalog, CatalogEntry
 from broker.config import BrokerConfig
-from broker.planner import plan_download
+from broker.planner import origin_share, plan_download
 from broker.registry import Holder, Registry
 from common import protocol
 from common.errors import ClosedError, MalformedMessage, WireCode
@@ -236,6 +236,7 @@ class TrackerService(ServiceThread):
         if peer is not None:
             need.difference_update(self.registry.holdings_of(peer, manifest.file_id))
         self.get_counts[manifest.file_id] += 1
+        claims = self.registry.origin_claims(manifest.file_id, now, self.config.origin_claim_idle_s)
         plan = plan_download(
             manifest.segment_count,
             need,
@@ -245,9 +246,15 @@ class TrackerService(ServiceThread):
             rotate=_spread(
                 self.get_counts[manifest.file_id], manifest.segment_count, self.config.plan_block_segments
             ),
-            claims=self.registry.origin_claims(manifest.file_id, now, self.config.origin_claim_idle_s),
+            claims=claims,
             requester=peer,
-            origin_window=self.config.origin_window_blocks if self.config.plan_policy == "swarm" else 0,
+            origin_window=origin_share(
+                self.config.origin_window_blocks if self.config.plan_policy == "swarm" else 0,
+                self.config.origin_lanes,
+                claims,
+                peer or "",
+                -(-manifest.segment_count // self.config.plan_block_segments),
+            ),
         )
         if plan.claimed and peer is not None:
             self.registry.claim_origin_blocks(manifest.file_id, peer, plan.claimed, now)

@@ -28,17 +28,16 @@ class ProcessError(ZswarmError):
 
 
 class _Driven:
-    def __init__(self, args: list[str], log_path: Path, cwd: Path | None = None) -> None:
+    def __init__(self, args: list[str], log_path: Path, prefix: list[str] | None = None) -> None:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 (closed in stop())
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, *args],
+            [*(prefix or []), sys.executable, *args],  # prefix: e.g. ip netns exec HOST (it execs)
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
-            cwd=cwd,
             env=env,
             text=True,
             bufsize=1,
@@ -119,8 +118,10 @@ class _Driven:
 
 
 class BrokerProcess(_Driven):
-    def __init__(self, config: Path, log_path: Path, ready_timeout: float = 60.0) -> None:
-        super().__init__(["-m", "broker", "-c", str(config)], log_path)
+    def __init__(
+        self, config: Path, log_path: Path, ready_timeout: float = 60.0, prefix: list[str] | None = None
+    ) -> None:
+        super().__init__(["-m", "broker", "-c", str(config)], log_path, prefix)
         try:
             ready = self.read_json(ready_timeout)
         except ProcessError:
@@ -132,8 +133,10 @@ class BrokerProcess(_Driven):
 
 
 class PeerProcess(_Driven):
-    def __init__(self, config: Path, log_path: Path, ready_timeout: float = 30.0) -> None:
-        super().__init__(["-m", "peer", "-c", str(config), "--json"], log_path)
+    def __init__(
+        self, config: Path, log_path: Path, ready_timeout: float = 30.0, prefix: list[str] | None = None
+    ) -> None:
+        super().__init__(["-m", "peer", "-c", str(config), "--json"], log_path, prefix)
         try:
             ready = self.read_json(ready_timeout)
         except ProcessError:

@@ -799,6 +799,7 @@ class Agent(ServiceThread):
         download.on_done(source, first, count)
         job.unflushed.add(first, count)
         job.fetched += count
+        job.stuck_replans = 0  # progress: running out of sources later deserves fresh replans
         return True
 
     def _report_bad(self, job: _Job, source: str, runs: list[Run], reason: str) -> None:

@@ -31,6 +31,7 @@ HELP = """commands:
   ls           files held here (complete and partial)
   remote       files the broker shares
   status       this peer's state and counters
+  broker       the broker's statistics (live peers, origin counters, ...)
   rescan       verify the data folder again and re-register what verifies
   quit         leave (also Ctrl-D)"""
 
@@ -87,6 +88,8 @@ def execute(peer: Peer, words: list[str]) -> Any:
         return [{"name": f.name, "size": f.size, "file_id": f.file_id.hex()} for f in peer.list_remote()]
     if command == "status":
         return peer.status()
+    if command == "broker":
+        return peer.broker_stats()
     if command == "rescan":
         return peer.rescan()
     if command in ("help", "?"):

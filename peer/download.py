@@ -232,7 +232,8 @@ class Download:
         source = self.sources.get(source_name)
         if source is not None and timed_out:
             source.timeouts_in_a_row += 1
-            if source.timeouts_in_a_row >= self.dead_after:
+            # The broker is the last resort: a slow origin is waited for, never given up on.
+            if source.timeouts_in_a_row >= self.dead_after and source_name != BROKER:
                 self.mark_dead(source_name)
         for i in range(first, first + count):
             if timed_out:

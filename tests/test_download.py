@@ -303,20 +303,30 @@ def test_one_timeout_steers_elsewhere_but_does_not_exclude() -> None:
     covered(d)
 
 
-def test_a_slow_only_source_is_retried_when_nothing_else_holds_the_segment() -> None:
+def test_a_slow_broker_is_never_given_up_on() -> None:
     d = Download(4, SegmentSet(), batch=4, dead_after=2)
     d.replan([broker()], [(0, 4, 0)])
-    assert d.take(BROKER) == (0, 4)
-    d.on_reply(BROKER, 0, 4)
-    d.on_failed(BROKER, 0, 4, timed_out=True)
-    assert d.stuck == []
-    assert queued(d, BROKER) == set(range(4))  # the only source: asked again
-    assert d.take(BROKER) == (0, 4)
-    d.on_reply(BROKER, 0, 4)
-    d.on_failed(BROKER, 0, 4, timed_out=True)  # second in a row: dead
-    assert d.sources[BROKER].dead
-    assert sorted(d.stuck) == [0, 1, 2, 3]
+    for _ in range(5):  # timeouts in a row: the last resort is asked again each time
+        assert d.take(BROKER) == (0, 4)
+        d.on_reply(BROKER, 0, 4)
+        d.on_failed(BROKER, 0, 4, timed_out=True)
+        assert not d.sources[BROKER].dead
+        assert d.stuck == []
+        assert queued(d, BROKER) == set(range(4))
     covered(d)
+
+
+def test_a_slow_only_peer_is_dropped_after_timeouts_in_a_row() -> None:
+    d = Download(4, SegmentSet(), batch=4, dead_after=2)
+    d.replan([peer("a")], [(0, 4, 0)])
+    assert d.take("a") == (0, 4)
+    d.on_failed("a", 0, 4, timed_out=True)
+    assert d.stuck == []
+    assert queued(d, "a") == set(range(4))  # the only source: asked again
+    assert d.take("a") == (0, 4)
+    d.on_failed("a", 0, 4, timed_out=True)  # second in a row: dead
+    assert d.sources["a"].dead
+    assert sorted(d.stuck) == [0, 1, 2, 3]
 
 
 def test_a_slow_peer_is_avoided_when_the_broker_can_serve() -> None:
