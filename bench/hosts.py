@@ -161,8 +161,15 @@ def one_run(work: Path, n: int, mode: str, size: int, rate_mbit: float, timeout:
                     time.sleep(0.05)
             before = peers[0].command("broker")["result"]["origin"]["bytes_served"]
             started = time.monotonic()
+            finished: dict[str, float] = {}
+
+            def fetch(peer: PeerProcess) -> dict[str, Any]:
+                result = peer.get("file.bin", timeout)
+                finished[peer.name] = round(time.monotonic() - started, 3)
+                return result
+
             with ThreadPoolExecutor(len(peers)) as pool:
-                results = list(pool.map(lambda p: p.get("file.bin", timeout), peers))
+                results = list(pool.map(fetch, peers))
             wall = time.monotonic() - started
             after = peers[0].command("broker")["result"]["origin"]["bytes_served"]
         except BaseException:
@@ -183,8 +190,9 @@ def one_run(work: Path, n: int, mode: str, size: int, rate_mbit: float, timeout:
         "vs_ideal": round(wall / ideal, 3),
         "one_copy_s": round(one_copy_s, 3),
         "broker_upload_copies": round((after - before) / size, 3),
-        "peer_seconds": {r["name"] if "name" in r else f"p{i}": r["seconds"] for i, r in enumerate(results)},
-        "sources": [r["sources"] for r in results],
+        "peer_seconds": {f"p{i + 1}": r["seconds"] for i, r in enumerate(results)},  # as each peer timed it
+        "finished_s": finished,  # from the first get sent, as this script saw the answers
+        "sources": {f"p{i + 1}": r["sources"] for i, r in enumerate(results)},
     }
 
 
