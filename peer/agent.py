@@ -226,6 +226,8 @@ class Agent(ServiceThread):
                     deadlines.append(lane.sent_at + self._patience(lane.endpoint))  # a straggler then
         for job in self._jobs.values():
             deadlines.append(job.deadline)
+            if job.download is None:
+                deadlines.append(job.started + self.config.broker_timeout_s)
             if job.download is not None and not job.finishing:
                 if job.unflushed:
                     deadlines.append(job.last_flush + self.config.have_flush_interval_s)
@@ -568,6 +570,15 @@ class Agent(ServiceThread):
             self._fail(job, TransferError(f"{job.name}: not finished within the timeout"))
             return
         download = job.download
+        if download is None and not self.registered and now - job.started >= self.config.broker_timeout_s:
+            self._fail(
+                job,
+                BrokerUnavailable(
+                    f"not registered with the broker {self.config.broker} after "
+                    f"{self.config.broker_timeout_s} s: is it running?"
+                ),
+            )
+            return
         if download is None or job.finishing:
             return
         for lane in [ln for lanes in job.lanes.values() for ln in lanes]:

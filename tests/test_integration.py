@@ -14,7 +14,7 @@ import zmq
 
 from broker import Broker
 from common import protocol
-from common.errors import NotFound, WireCode
+from common.errors import BrokerUnavailable, NotFound, WireCode
 from common.manifest import SEGMENT_SIZE, hash_file
 from common.protocol import (
     Error,
@@ -379,3 +379,12 @@ def test_manifests_are_reused_on_restart_and_rebuilt_when_changed(
     assert (second.catalog.built, second.catalog.reused) == (1, 1)
     assert second.catalog.by_name("b.bin").manifest.file_id != first_id  # type: ignore[union-attr]
     assert sorted(p.name for p in (tmp_path / "manifests").iterdir()) == ["a.bin.manifest", "b.bin.manifest"]
+
+
+def test_get_without_a_broker_fails_clearly(tmp_path: Path, start_peer: StartPeer) -> None:
+    # Nothing listens there: the peer cannot register, and a get says so instead of hanging.
+    peer = start_peer("p1", "tcp://127.0.0.1:9", register=False, broker_timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match="not registered"):
+        peer.get("f.bin", timeout=30)
+    assert time.monotonic() - started < 5
