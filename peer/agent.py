@@ -648,7 +648,9 @@ class Agent(ServiceThread):
                 if run is None:
                     continue
                 lanes = job.lanes.setdefault(source_name, [])
-                idle = next((ln for ln in lanes if ln.request is None and ln.endpoint == source.endpoint), None)
+                idle = next(
+                    (ln for ln in lanes if ln.request is None and ln.endpoint == source.endpoint), None
+                )
                 if idle is None:
                     idle = _Lane(job, source_name, source.endpoint)
                     lanes.append(idle)

@@ -43,6 +43,10 @@ class SegmentState(enum.IntEnum):
     DONE = 2
 
 
+def _runs(pattern: re.Pattern[bytes], state: bytearray, first: int, end: int) -> list[Run]:
+    return [(m.start(), m.end() - m.start()) for m in pattern.finditer(state, first, end)]
+
+
 @dataclass
 class SourceState:
     name: str
@@ -120,7 +124,7 @@ class Download:
     def _missing_runs(self, first: int, count: int) -> list[Run]:
         # A regex over the state bytes finds the runs at C speed: this runs for every plan entry
         # of every replan and every take, so a Python loop per segment would dominate.
-        return [(m.start(), m.end() - m.start()) for m in _MISSING_RUN.finditer(self.state, first, first + count)]
+        return _runs(_MISSING_RUN, self.state, first, first + count)
 
     # ---- taking work
 
@@ -179,7 +183,7 @@ class Download:
 
     def not_done_runs(self, first: int, count: int) -> list[Run]:
         """The parts of a run not yet DONE (a duplicate reply must not write twice)."""
-        return [(m.start(), m.end() - m.start()) for m in _NOT_DONE_RUN.finditer(self.state, first, first + count)]
+        return _runs(_NOT_DONE_RUN, self.state, first, first + count)
 
     def sources_with_work(self) -> list[str]:
         return [s.name for s in self.sources.values() if s.queue and not s.dead]
@@ -322,7 +326,7 @@ class Download:
         return self.done == self.segment_count
 
     def missing(self) -> SegmentSet:
-        return SegmentSet((m.start(), m.end() - m.start()) for m in _NOT_DONE_RUN.finditer(self.state))
+        return SegmentSet(_runs(_NOT_DONE_RUN, self.state, 0, self.segment_count))
 
     def source_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
