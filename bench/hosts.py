@@ -87,7 +87,21 @@ class Network:
                 run_cmd("ip", "netns", "add", ns)
                 self.namespaces.append(ns)
                 port = f"{PREFIX}v{i}"
-                run_cmd("ip", "link", "add", port, "netns", hub, "type", "veth", "peer", "name", "eth0", "netns", ns)
+                run_cmd(
+                    "ip",
+                    "link",
+                    "add",
+                    port,
+                    "netns",
+                    hub,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    ns,
+                )
                 run_cmd("ip", "-n", hub, "link", "set", port, "master", f"{PREFIX}-br")
                 run_cmd("ip", "-n", hub, "link", "set", port, "up")
                 run_cmd("ip", "-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
@@ -135,7 +149,9 @@ def one_run(work: Path, n: int, mode: str, size: int, rate_mbit: float, timeout:
                     "log_level": "WARNING",
                 },
             )
-            broker = BrokerProcess(broker_yaml, run_dir / "broker.log", prefix=["ip", "netns", "exec", net.ns(0)])
+            broker = BrokerProcess(
+                broker_yaml, run_dir / "broker.log", prefix=["ip", "netns", "exec", net.ns(0)]
+            )
             procs.append(broker)
             peers: list[PeerProcess] = []
             for i in range(1, n + 1):
@@ -228,8 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     by = {(r["n"], r["mode"]): r for r in rows}
-    print(f"\nhosts: N hosts with {args.rate_mbit:g} Mbit/s uplinks get one {args.size_mib:g} MiB file at once")
-    print(f"{'N':>3}  {'swarm s':>8}  {'x ideal':>7}  {'copies':>6}  {'origin-only s':>13}  {'copies':>6}  {'speed-up':>8}")
+    print(
+        f"\nhosts: N hosts with {args.rate_mbit:g} Mbit/s uplinks get one {args.size_mib:g} MiB file at once"
+    )
+    print(
+        f"{'N':>3}  {'swarm s':>8}  {'x ideal':>7}  {'copies':>6}  {'origin-only s':>13}  {'copies':>6}  {'speed-up':>8}"
+    )
     for n in sizes:
         swarm, origin = by.get((n, "swarm")), by.get((n, "origin-only"))
         speedup = f"{origin['wall_s'] / swarm['wall_s']:.2f}x" if swarm and origin else "-"

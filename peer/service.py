@@ -91,7 +91,9 @@ class Peer:
             return
         self._closed = True
         agent = self._agent
-        if agent is not None and agent.alive and agent.registered:
+        # Even when not registered at this instant (a re-registration may be under way), so that
+        # the broker never keeps a closed peer until its heartbeats time out.
+        if agent is not None and agent.alive:
             try:
                 agent.call(agent.say_bye).result(bye_timeout).result(bye_timeout)
             except Exception:
