@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\nhosts: N hosts with {args.rate_mbit:g} Mbit/s uplinks get one {args.size_mib:g} MiB file at once"
     )
     print(
-        f"{'N':>3}  {'swarm s':>8}  {'x ideal':>7}  {'copies':>6}  {'origin-only s':>13}  {'copies':>6}  {'speed-up':>8}"
+        f"{'N':>3}  {'swarm s':>8}  {'x ideal':>7}  {'copies':>6}  "
+        f"{'origin-only s':>13}  {'copies':>6}  {'speed-up':>8}"
     )
     for n in sizes:
         swarm, origin = by.get((n, "swarm")), by.get((n, "origin-only"))

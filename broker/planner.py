@@ -34,6 +34,7 @@ from broker.registry import Holder
 from common.ranges import Run, SegmentSet
 
 BROKER_SOURCE = "broker"
+MAX_PARTIAL_HOLDERS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,10 @@ def plan_download(
     loads = [min(h.load, fair) for h in holders]
     complete = [i for i, h in enumerate(holders) if h.segments.covers(0, segment_count)]
     complete_set = set(complete)
-    partial = [i for i in range(len(holders)) if i not in complete_set]
+    # Partial holders cost a bisect per block each: plan over the least loaded few (the others
+    # stay listed as sources, for fallbacks).
+    partial = sorted((i for i in range(len(holders)) if i not in complete_set), key=lambda i: loads[i])
+    partial = partial[:MAX_PARTIAL_HOLDERS]
     broker_index = len(holders)
     assigned = [0.0] * len(holders)
     heap = [(loads[i], i) for i in complete]
@@ -96,7 +100,14 @@ def plan_download(
         while pos < end:
             stop = min(end, (pos // block + 1) * block)
             n = stop - pos
-            covering = [i for i in partial if holders[i].segments.covers(pos, n)]
+            covering: list[int] = []
+            overlapping: list[int] = []
+            for i in partial:
+                segments = holders[i].segments
+                if segments.covers(pos, n):
+                    covering.append(i)
+                elif segments.overlaps(pos, n):
+                    overlapping.append(i)
             availability = len(complete) + len(covering)
             best = -1
             if covering:
@@ -109,8 +120,10 @@ def plan_download(
                 assigned[best] += n
             if best >= 0:
                 add(pos, n, best, availability)
+            elif overlapping:
+                _plan_segments(pos, n, holders, loads, overlapping, assigned, broker_index, add)
             else:
-                _plan_segments(pos, n, holders, loads, partial, assigned, broker_index, add)
+                add(pos, n, broker_index, 0)  # nobody has any of it: one run from the origin
             pos = stop
 
     blocks.sort()

@@ -28,6 +28,8 @@ class ProcessError(ZswarmError):
 
 
 class _Driven:
+    LEAVES_ON_EOF = False  # True: closing stdin is the polite way to ask it to leave
+
     def __init__(self, args: list[str], log_path: Path, prefix: list[str] | None = None) -> None:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,11 +98,14 @@ class _Driven:
         if self.proc.poll() is None:
             try:
                 if self.proc.stdin is not None:
-                    self.proc.stdin.close()
+                    self.proc.stdin.close()  # a prompt leaves on end of input, saying bye first
             except OSError:
                 pass
-            self.signal(signal.SIGCONT)  # a stopped process cannot hear SIGTERM
-            self.signal(signal.SIGTERM)
+            self.signal(signal.SIGCONT)  # a stopped process can neither read nor hear SIGTERM
+            try:
+                self.proc.wait(min(timeout, 2.0) if self.LEAVES_ON_EOF else 0.0)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -133,6 +138,8 @@ class BrokerProcess(_Driven):
 
 
 class PeerProcess(_Driven):
+    LEAVES_ON_EOF = True
+
     def __init__(
         self, config: Path, log_path: Path, ready_timeout: float = 30.0, prefix: list[str] | None = None
     ) -> None:

@@ -186,7 +186,14 @@ class ListOf(Field[tuple[T, ...]]):
             raise _fail(where, f"expected a list, got {type(value).__name__}")
         if len(value) > self.max_items:
             raise _fail(where, f"more than {self.max_items} items")
-        return tuple(self.inner.load(v, f"{where}[{i}]") for i, v in enumerate(value))
+        load = self.inner.load
+        try:
+            return tuple([load(v, where) for v in value])
+        except MalformedMessage:
+            # Name the item only on the error path: formatting a location per item is costly.
+            for i, v in enumerate(value):
+                load(v, f"{where}[{i}]")
+            raise
 
     def dump(self, value: tuple[T, ...]) -> Any:
         return [self.inner.dump(v) for v in value]
@@ -196,9 +203,11 @@ class Tuple3(Field[tuple[int, int, int]]):
     """A plan entry: [first, count, source_index]."""
 
     def load(self, value: Any, where: str) -> tuple[int, int, int]:
-        if type(value) is not list or len(value) != 3 or any(type(v) is not int for v in value):
+        if type(value) is not list or len(value) != 3:
             raise _fail(where, "expected [first, count, source]")
         first, count, source = value
+        if type(first) is not int or type(count) is not int or type(source) is not int:
+            raise _fail(where, "expected [first, count, source]")
         if first < 0 or count < 1 or first + count > MAX_SEGMENTS or not 0 <= source < 4096:
             raise _fail(where, f"plan entry {value} out of range")
         return first, count, source

@@ -69,6 +69,13 @@ class SegmentSet:
         i = bisect.bisect_right(self._starts, first) - 1
         return i >= 0 and first + count <= self._ends[i]
 
+    def overlaps(self, first: int, count: int) -> bool:
+        """True when some index in [first, first + count) is in the set."""
+        if count <= 0:
+            return False
+        i = bisect.bisect_right(self._starts, first + count - 1) - 1
+        return i >= 0 and self._ends[i] > first
+
     def add(self, first: int, count: int) -> None:
         if count <= 0:
             return

@@ -161,6 +161,7 @@ def run_prompt(peer: Peer, as_json: bool) -> int:
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean stop must not be interrupted
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -196,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                     pass
                 return 0
             signal.signal(signal.SIGTERM, _interrupt)  # leave through close(): bye, clean stop
-            return run_prompt(peer, args.json)
+            status = run_prompt(peer, args.json)
+            # Leaving now: a signal must not cut close() short before its bye is answered.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            return status
 
     return run_guarded(body)

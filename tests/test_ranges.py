@@ -263,3 +263,18 @@ def test_random_operations_agree_with_a_set_model(seed: int) -> None:
         assert s.run_count() == len(runs_of(model))
         assert list(s) == sorted(model)
     assert SegmentSet(s.runs()) == s
+
+
+def test_overlaps_matches_a_model() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        model: set[int] = set()
+        s = SegmentSet()
+        for _ in range(rng.randrange(6)):
+            first, count = rng.randrange(60), rng.randrange(1, 10)
+            s.add(first, count)
+            model.update(range(first, first + count))
+        for first in range(0, 70):
+            for count in (0, 1, 3, 9):
+                expected = any(i in model for i in range(first, first + count))
+                assert s.overlaps(first, count) == expected, (sorted(model), first, count)
