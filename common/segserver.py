@@ -157,7 +157,9 @@ class SegmentServer(ServiceThread):
 
     def _send_frames(self, sock: zmq.Socket[Any], frames: list[Any]) -> None:
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            # copy=True: one memcpy of <= 1 MiB is cheaper than zero-copy's buffer-release thread
+            # (swarm of 8, 256 MiB: 1.89-2.11 CPU-s/GiB copied against 2.29-3.00 zero-copy).
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=True)
         except zmq.ZMQError as exc:
             # The downloader went away or is not reading: it will time out and ask elsewhere.
             self._bad_log.warning("%s: reply dropped: %s", self.name, exc.strerror)
