@@ -78,8 +78,8 @@ def plan_download(
     loads = [min(h.load, fair) for h in holders]
     complete = [i for i, h in enumerate(holders) if h.segments.covers(0, segment_count)]
     complete_set = set(complete)
-    # Partial holders cost a bisect per block each: plan over the least loaded few (the others
-    # stay listed as sources, for fallbacks).
+    # Partial holders cost a walk over their runs each: plan over the least loaded few (the
+    # others stay listed as sources, for fallbacks).
     partial = sorted((i for i in range(len(holders)) if i not in complete_set), key=lambda i: loads[i])
     partial = partial[:MAX_PARTIAL_HOLDERS]
     broker_index = len(holders)
@@ -95,19 +95,22 @@ def plan_download(
         order = (first // block - rotate) % block_total
         blocks.append((availability, order, first, count, source))
 
+    full, touched = _block_index(holders, partial, block, segment_count)
     for run_first, run_count in need.runs():
         pos, end = run_first, run_first + run_count
         while pos < end:
-            stop = min(end, (pos // block + 1) * block)
+            number = pos // block
+            stop = min(end, (number + 1) * block)
             n = stop - pos
-            covering: list[int] = []
-            overlapping: list[int] = []
-            for i in partial:
-                segments = holders[i].segments
-                if segments.covers(pos, n):
-                    covering.append(i)
-                elif segments.overlaps(pos, n):
-                    overlapping.append(i)
+            covering = full.get(number, [])
+            overlapping = touched.get(number, [])
+            if n < min(block, segment_count - number * block) and overlapping:
+                # Only part of the block is needed: some holders of part of it may cover that.
+                partly = overlapping
+                covering = covering + [i for i in partly if holders[i].segments.covers(pos, n)]
+                overlapping = [
+                    i for i in partly if i not in covering and holders[i].segments.overlaps(pos, n)
+                ]
             availability = len(complete) + len(covering)
             best = -1
             if covering:
@@ -189,6 +192,30 @@ def _apply_claims(
     return kept, claimed, deferred
 
 
+def _block_index(
+    holders: list[Holder], partial: list[int], block: int, segment_count: int
+) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """For each block: the partial holders holding all of it, and those holding some of it.
+
+    Built from each holder's runs once, so a GET costs O(runs + blocks held) per holder instead
+    of a bisect per (block, holder) pair.
+    """
+    full: dict[int, list[int]] = {}
+    touched: dict[int, list[int]] = {}
+    for i in partial:
+        for first, count in holders[i].segments.runs():
+            end = first + count
+            for number in range(first // block, (end - 1) // block + 1):
+                start, stop = number * block, min((number + 1) * block, segment_count)
+                if first <= start and stop <= end:
+                    full.setdefault(number, []).append(i)
+                else:
+                    holders_of_block = touched.setdefault(number, [])
+                    if not holders_of_block or holders_of_block[-1] != i:
+                        holders_of_block.append(i)
+    return full, touched
+
+
 def _plan_segments(
     first: int,
     count: int,
@@ -204,17 +231,23 @@ def _plan_segments(
     A run stays with its source while that source has the next segment, so the block is cut into
     as few requests as the holdings allow.
     """
+    # One byte per segment of the block and holder: indexing it is far cheaper than a bisect.
+    held = {p: bytearray(count) for p in partial}
+    for p, mask in held.items():
+        for run_first, run_count in holders[p].segments.intersect_run(first, count):
+            offset = run_first - first
+            mask[offset : offset + run_count] = b"\x01" * run_count
     run_start, run_source, availability = first, -1, 0
-    for i in range(first, first + count):
-        if run_source not in (-1, broker_index) and i in holders[run_source].segments:
+    for k in range(count):
+        if run_source not in (-1, broker_index) and held[run_source][k]:
             assigned[run_source] += 1
             continue
-        having = [p for p in partial if i in holders[p].segments]
+        having = [p for p in partial if held[p][k]]
         source = min(having, key=lambda p: loads[p] + assigned[p]) if having else broker_index
         if source != run_source:
             if run_source != -1:
-                add(run_start, i - run_start, run_source, availability)
-            run_start, run_source, availability = i, source, len(having)
+                add(run_start, first + k - run_start, run_source, availability)
+            run_start, run_source, availability = first + k, source, len(having)
         if source != broker_index:
             assigned[source] += 1
     add(run_start, first + count - run_start, run_source, availability)
