@@ -22,7 +22,7 @@ import zmq
 
 from broker.catalog import Catalog, CatalogEntry
 from broker.config import BrokerConfig
-from broker.planner import origin_share, plan_download
+from broker.planner import MAX_PARTIAL_HOLDERS, origin_share, plan_download
 from broker.registry import Holder, Registry
 from common import protocol
 from common.errors import ClosedError, MalformedMessage, WireCode
@@ -279,9 +279,20 @@ class TrackerService(ServiceThread):
         if self.config.plan_policy == "origin_only":
             return []
         holders = self.registry.holders(file_id, now, exclude=requester)
-        if len(holders) > MAX_PLAN_SOURCES:
-            holders = heapq.nsmallest(MAX_PLAN_SOURCES, holders, key=lambda h: h.load)
-        return holders
+        if len(holders) <= MAX_PLAN_SOURCES and len(holders) <= MAX_PARTIAL_HOLDERS:
+            return holders
+        # Complete holders are cheap to plan and to send (no runs); partial ones cost a walk of
+        # their runs and their runs in the reply, so only a few of them, fewer when seeds abound.
+        entry = self.catalog.by_id(file_id)
+        segments = entry.manifest.segment_count if entry is not None else 0
+        complete = [h for h in holders if h.segments.covers(0, segments)]
+        partial = [h for h in holders if not h.segments.covers(0, segments)]
+        partial_limit = MAX_PARTIAL_HOLDERS if len(complete) < MAX_PARTIAL_HOLDERS else 8
+        chosen = heapq.nsmallest(MAX_PLAN_SOURCES, complete, key=lambda h: h.load)
+        chosen += heapq.nsmallest(
+            min(partial_limit, MAX_PLAN_SOURCES - len(chosen)), partial, key=lambda h: h.load
+        )
+        return chosen
 
     def on_holdings(self, request: Have | Lost, peer: str | None, add: bool) -> Message:
         if peer is None:
