@@ -86,7 +86,8 @@ class TrackerService(ServiceThread):
         )
         self.tracker_port = config.tracker_port
         self.heartbeat_port = config.heartbeat_port
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()  # messages received, by kind
+        self.segments_deferred = 0  # segments left out of plans by origin claims (super-seeding)
         self.get_counts: Counter[bytes] = Counter()
         self.bench_log: list[dict[str, Any]] = []
         self._bad_log = RateLimitedLog(log)
@@ -258,8 +259,7 @@ class TrackerService(ServiceThread):
         )
         if plan.claimed and peer is not None:
             self.registry.claim_origin_blocks(manifest.file_id, peer, plan.claimed, now)
-        if plan.deferred:
-            self.counts["segments_deferred"] += plan.deferred
+        self.segments_deferred += plan.deferred
         for name, count in plan.segments_by_source().items():
             self.registry.note_planned(name, count, now)
         return FileInfo(
@@ -385,6 +385,7 @@ class TrackerService(ServiceThread):
             "segments_served": self.origin.segments_served,
             "requests": dict(self.counts),
             "evicted": self.registry.evicted_total,
+            "segments_deferred": self.segments_deferred,
             "benched": self.bench_log[-100:],
         }
 
