@@ -10,21 +10,20 @@ import contextlib
 import json
 import os
 import platform
-import queue
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import yaml
+
+from common.processes import DrivenProcess, ProcessError
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -271,62 +270,22 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-class ChildError(RuntimeError):
+class ChildError(ProcessError):
     pass
 
 
-class Child:
+class Child(DrivenProcess):
     """`python -m bench._workers ROLE JSON`: a worker process answering with JSON lines on stdout.
 
     stderr goes to a log file; every read has a deadline; `stop()` closes stdin, then SIGTERM, then
-    SIGKILL, always by this child's PID.
+    SIGKILL, always by this child's PID (common.processes does all of that).
     """
 
+    LEAVES_ON_EOF = True
+
     def __init__(self, role: str, params: dict[str, Any], log_path: Path) -> None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_path
-        self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench._workers", role, json.dumps(params)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            cwd=ROOT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            text=True,
-            bufsize=1,
-        )
-        self.pid = self.proc.pid
+        super().__init__(["-m", "bench._workers", role, json.dumps(params)], log_path, cwd=ROOT)
         self.role = role
-        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def read_json(self, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ChildError(f"{self.role} (pid {self.pid}): no answer within {timeout} s; {self.tail()}")
-            try:
-                line = self._lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise ChildError(
-                    f"{self.role} (pid {self.pid}) exited with {self.proc.wait()}: {self.tail()}"
-                )
-            line = line.strip()
-            if line.startswith("{"):
-                value = json.loads(line)
-                if isinstance(value, dict):
-                    return value
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
@@ -334,29 +293,7 @@ class Child:
         self.proc.stdin.flush()
 
     def tail(self, lines: int = 6) -> str:
-        try:
-            return " | ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                if self.proc.stdin is not None:
-                    self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    os.kill(self.pid, signal.SIGKILL)
-                    self.proc.wait(timeout)
-        self._reader.join(timeout)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
+        return self.log_tail(lines)
 
 
 # --------------------------------------------------------------------------- zswarm processes

@@ -27,10 +27,14 @@ class ProcessError(ZswarmError):
     """A driven process died, or did not answer in time."""
 
 
-class _Driven:
+class DrivenProcess:
+    """A Python child process (`python ARGS`) answering with JSON lines on stdout."""
+
     LEAVES_ON_EOF = False  # True: closing stdin is the polite way to ask it to leave
 
-    def __init__(self, args: list[str], log_path: Path, prefix: list[str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], log_path: Path, prefix: list[str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 (closed in stop())
@@ -40,6 +44,7 @@ class _Driven:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
+            cwd=cwd,
             env=env,
             text=True,
             bufsize=1,
@@ -122,7 +127,7 @@ class _Driven:
         return self.proc.poll() is None
 
 
-class BrokerProcess(_Driven):
+class BrokerProcess(DrivenProcess):
     def __init__(
         self, config: Path, log_path: Path, ready_timeout: float = 60.0, prefix: list[str] | None = None
     ) -> None:
@@ -137,7 +142,7 @@ class BrokerProcess(_Driven):
         self.origin: str = ready["origin"]
 
 
-class PeerProcess(_Driven):
+class PeerProcess(DrivenProcess):
     LEAVES_ON_EOF = True
 
     def __init__(

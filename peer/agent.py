@@ -158,6 +158,7 @@ class _Job:
     last_flush: float = 0.0
     next_replan: float = 0.0
     last_plan_request: float = 0.0
+    plan_was_empty: bool = False
     replanning: bool = False
     stuck_replans: int = 0
     finishing: bool = False
@@ -499,7 +500,11 @@ class Agent(ServiceThread):
         sources = [
             (s.name, s.endpoint, None if s.runs is None else SegmentSet(s.runs)) for s in reply.sources
         ]
+        queued_before = job.download.queued()
         job.download.replan(sources, list(reply.plan))
+        # A plan that brought work may be followed by the next one at once; one that brought
+        # nothing (everything deferred) waits _MIN_REPLAN_GAP_S before asking again.
+        job.plan_was_empty = job.download.queued() <= queued_before
         job.origin_lanes = reply.origin_lanes
         job.next_replan = now + self.config.replan_interval_s
         self._check_stuck(job)
@@ -601,7 +606,7 @@ class Agent(ServiceThread):
         self._pump(job, now)
 
     def _wants_plan(self, job: _Job, download: Download, now: float) -> bool:
-        if now - job.last_plan_request < _MIN_REPLAN_GAP_S:
+        if job.plan_was_empty and now - job.last_plan_request < _MIN_REPLAN_GAP_S:
             return False
         if now >= job.next_replan and self._leans_on_broker(download):
             return True  # peers may have gained what the broker is serving us
