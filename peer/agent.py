@@ -84,7 +84,8 @@ ProgressFn = Callable[[int, int], None]
 _MAX_REPLY_HEADER = 64 * 1024
 _PROGRESS_INTERVAL_S = 0.1
 _MIN_REPLAN_GAP_S = 0.02
-_MAX_REQUEST_TIMEOUT_S = 60.0  # deferred segments: ask again at most this often
+_MAX_REQUEST_TIMEOUT_S = 60.0
+_ORIGIN_PATIENCE = 4  # origin requests time out after 4 x request_timeout_s at least  # deferred segments: ask again at most this often
 
 
 @dataclass(frozen=True)
@@ -677,9 +678,11 @@ class Agent(ServiceThread):
             self._lanes_by_sock[lane.sock] = lane
         lane.request = run
         lane.sent_at = now
+        # The origin is the last resort and often the busiest source: giving up on a slow reply
+        # only makes it send the same run twice, so it gets four times the floor.
+        floor = self.config.request_timeout_s * (_ORIGIN_PATIENCE if lane.source == BROKER else 1)
         times = self._reply_times.get(lane.endpoint)
-        timeout = times.timeout(self.config.request_timeout_s) if times else self.config.request_timeout_s
-        lane.deadline = now + timeout
+        lane.deadline = now + (times.timeout(floor) if times else floor)
         try:
             lane.sock.send_multipart(
                 protocol.encode(SegmentRequest(job.manifest.file_id, run[0], run[1])), zmq.NOBLOCK
