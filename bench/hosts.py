@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench._util import RESULTS, make_file, write_yaml
+from bench._util import RESULTS, make_file, overrides, write_yaml
 from common.processes import BrokerProcess, PeerProcess
 
 PREFIX = "zsw"
@@ -131,7 +131,16 @@ class Network:
                 subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
-def one_run(work: Path, n: int, mode: str, size: int, rate_mbit: float, timeout: float) -> dict[str, Any]:
+def one_run(
+    work: Path,
+    n: int,
+    mode: str,
+    size: int,
+    rate_mbit: float,
+    timeout: float,
+    peer_fields: dict[str, Any] | None = None,
+    broker_fields: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     run_dir = work / f"{mode}-{n}"
     share = run_dir / "share"
     share.mkdir(parents=True)
@@ -147,6 +156,7 @@ def one_run(work: Path, n: int, mode: str, size: int, rate_mbit: float, timeout:
                     "bind_host": net.address(0),
                     "plan_policy": "origin_only" if mode == "origin-only" else "swarm",
                     "log_level": "WARNING",
+                    **(broker_fields or {}),
                 },
             )
             broker = BrokerProcess(
@@ -163,6 +173,7 @@ def one_run(work: Path, n: int, mode: str, size: int, rate_mbit: float, timeout:
                         "data_dir": str(run_dir / f"p{i}"),
                         "bind_host": net.address(i),
                         "log_level": "WARNING",
+                        **(peer_fields or {}),
                     },
                 )
                 peers.append(
@@ -219,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate-mbit", type=float, default=100.0, help="every host's uplink")
     ap.add_argument("--modes", default="swarm,origin-only")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds a get may take")
+    ap.add_argument("--peer-set", action="append", metavar="KEY=VALUE", help="peer config field, every run")
+    ap.add_argument("--broker-set", action="append", metavar="KEY=VALUE", help="broker config field")
     args = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_path = RESULTS / "hosts.json"
@@ -236,7 +249,16 @@ def main(argv: list[str] | None = None) -> int:
         make_file(work / "file.bin", size)
         for n in sizes:
             for mode in modes:
-                row = one_run(work, n, mode, size, args.rate_mbit, args.timeout)
+                row = one_run(
+                    work,
+                    n,
+                    mode,
+                    size,
+                    args.rate_mbit,
+                    args.timeout,
+                    overrides(args.peer_set),
+                    overrides(args.broker_set),
+                )
                 rows.append(row)
                 print(
                     f"  N={n} {mode:<11} {row['wall_s']:7.2f} s  ideal {row['ideal_s']:6.2f} s "
