@@ -52,7 +52,7 @@ def start_broker(tmp_path: Path, share: Path) -> Iterator[Callable[..., Broker]]
             tracker_port=0,
             heartbeat_port=0,
             origin_port=0,
-            heartbeat_interval_s=0.2,
+            heartbeat_interval_s=0.5,  # expiry 1.75 s: no spurious eviction on a loaded machine
         )
         fields.update(overrides)
         broker = Broker(BrokerConfig(**fields)).start()
