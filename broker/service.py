@@ -369,6 +369,7 @@ class TrackerService(ServiceThread):
             name: {
                 "endpoint": r.endpoint,
                 "last_seen_s": round(now - r.last_seen, 3),
+                "registered_s": round(now - r.registered_at, 3),
                 "files": len(r.holdings),
                 "segments": sum(len(s) for s in r.holdings.values()),
                 "benched_s": round(max(r.benched_until - now, 0.0), 3),
@@ -386,6 +387,7 @@ class TrackerService(ServiceThread):
             "requests": dict(self.counts),
             "evicted": self.registry.evicted_total,
             "segments_deferred": self.segments_deferred,
+            "loop_errors": self.loop_errors + self.origin.loop_errors,  # bugs met; service went on
             "benched": self.bench_log[-100:],
         }
 

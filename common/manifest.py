@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
 
 from blake3 import blake3
 
@@ -69,9 +68,6 @@ class Manifest:
     @property
     def segment_count(self) -> int:
         return len(self.digests) // DIGEST_SIZE
-
-    def segment_offset(self, index: int) -> int:
-        return index * self.segment_size
 
     def segment_length(self, index: int) -> int:
         return min(self.segment_size, self.size - index * self.segment_size)
@@ -137,7 +133,3 @@ def hash_file(path: str | os.PathLike[str], name: str) -> Manifest:
                     raise OSError(f"{path}: short read in the middle of the file")
                 break
     return Manifest(name=name, size=size, digests=b"".join(parts))
-
-
-def relative_name(root: Path, path: Path) -> str:
-    return PurePosixPath(path.relative_to(root).as_posix()).as_posix()

@@ -147,13 +147,3 @@ class SegmentSet:
         if cursor < first + count:
             out.append((cursor, first + count - cursor))
         return out
-
-
-def split_runs(runs: Iterable[Run], max_count: int) -> Iterator[Run]:
-    """Cut runs into pieces of at most `max_count` segments."""
-    for first, count in runs:
-        while count > 0:
-            take = min(count, max_count)
-            yield first, take
-            first += take
-            count -= take

@@ -83,9 +83,9 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 _MAX_REPLY_HEADER = 64 * 1024
 _PROGRESS_INTERVAL_S = 0.1
-_MIN_REPLAN_GAP_S = 0.02
+_MIN_REPLAN_GAP_S = 0.02  # deferred segments: ask again at most this often
 _MAX_REQUEST_TIMEOUT_S = 60.0
-_ORIGIN_PATIENCE = 4  # origin requests time out after 4 x request_timeout_s at least  # deferred segments: ask again at most this often
+_ORIGIN_PATIENCE = 4  # origin requests time out after 4 x request_timeout_s at least
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,6 @@ class _Job:
     finishing: bool = False
     origin_lanes: int = 1
     last_progress: float = 0.0
-    fetched: int = 0
 
 
 class Agent(ServiceThread):
@@ -446,6 +445,7 @@ class Agent(ServiceThread):
                 for name, job in self._jobs.items()
             },
             "counts": dict(self.counts),
+            "loop_errors": self.loop_errors,
         }
 
     # ---- downloads
@@ -819,7 +819,6 @@ class Agent(ServiceThread):
             return False
         download.on_done(source, first, count)
         job.unflushed.add(first, count)
-        job.fetched += count
         job.stuck_replans = 0  # progress: running out of sources later deserves fresh replans
         return True
 

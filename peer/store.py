@@ -163,13 +163,6 @@ class Store:
         with self._lock:
             return self._entries.get(file_id)
 
-    def complete_entry_named(self, name: str) -> Entry | None:
-        with self._lock:
-            for entry in self._entries.values():
-                if entry.manifest.name == name and entry.complete:
-                    return entry
-        return None
-
     def manifest_named(self, name: str) -> Manifest | None:
         with self._lock:
             for entry in self._entries.values():

@@ -15,7 +15,6 @@ from common.manifest import (
     check_name,
     digest,
     hash_file,
-    relative_name,
     segment_count,
 )
 
@@ -101,7 +100,6 @@ def test_segment_lengths_and_offsets() -> None:
     m = make(data)
     assert m.segment_count == 4
     assert [m.segment_length(i) for i in range(4)] == [S, S, S, 100]
-    assert [m.segment_offset(i) for i in range(4)] == [0, S, 2 * S, 3 * S]
     assert m.run_length(0, 4) == len(data)
     assert m.run_length(1, 2) == 2 * S
     assert m.run_length(2, 2) == S + 100
@@ -241,8 +239,3 @@ def test_check_name_rejects(name: str, why: str) -> None:
     problem = check_name(name)
     assert problem is not None
     assert why in problem
-
-
-def test_relative_name(tmp_path: Path) -> None:
-    assert relative_name(tmp_path, tmp_path / "a" / "b.txt") == "a/b.txt"
-    assert relative_name(tmp_path, tmp_path / "c") == "c"

@@ -1,4 +1,4 @@
-"""Unit tests for common/ranges.py: SegmentSet and split_runs, including a model test."""
+"""Unit tests for common/ranges.py: SegmentSet, including a model test."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from common.ranges import SegmentSet, split_runs
+from common.ranges import SegmentSet
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -201,19 +201,6 @@ def test_equality_and_repr() -> None:
     assert SegmentSet([(0, 2)]) != SegmentSet([(0, 3)])
     assert SegmentSet() != [(0, 1)]
     assert repr(SegmentSet([(1, 2)])) == "SegmentSet([(1, 2)])"
-
-
-def test_split_runs() -> None:
-    assert list(split_runs([(0, 10)], 4)) == [(0, 4), (4, 4), (8, 2)]
-    assert list(split_runs([(0, 8)], 4)) == [(0, 4), (4, 4)]
-    assert list(split_runs([(5, 3), (100, 1)], 1024)) == [(5, 3), (100, 1)]
-    assert list(split_runs([(5, 0), (7, -1)], 4)) == []
-    assert list(split_runs([], 4)) == []
-    pieces = list(split_runs([(3, 2500), (10000, 1025)], 1024))
-    assert all(1 <= c <= 1024 for _, c in pieces)
-    assert sum(c for _, c in pieces) == 3525
-    assert pieces[0] == (3, 1024)
-    assert pieces[-1] == (11024, 1)
 
 
 @pytest.mark.parametrize("seed", range(8))
