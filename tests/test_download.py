@@ -658,3 +658,84 @@ def split(n: int, rng: random.Random) -> list[Run]:
 
 def _span(run: Run) -> tuple[int, int]:
     return run[0], run[0] + run[1]
+
+
+# --------------------------------------------------------------------------- endgame
+
+
+def endgame_download() -> Download:
+    """Two peers; "a" has run (0, 4) in flight, "b" finished its share and is idle."""
+    d = Download(8, SegmentSet(), batch=4)
+    d.replan([peer("a"), peer("b"), broker()], [(0, 4, 0), (4, 4, 1)])
+    assert d.take("a") == (0, 4)
+    assert d.take("b") == (4, 4)
+    d.on_done("b", 4, 4)
+    return d
+
+
+def test_endgame_duplicates_a_straggler_to_an_idle_peer_once() -> None:
+    d = endgame_download()
+    assert d.in_endgame()
+    stragglers = [("a", (0, 4))]
+    assert d.take_endgame(BROKER, stragglers) is None  # never the origin
+    assert d.take_endgame("a", stragglers) is None  # not to the source that has it in flight
+    assert d.take_endgame("b", stragglers) == (0, 4)
+    assert d.take_endgame("b", stragglers) is None  # b is busy now, and the run has its duplicate
+    assert list(d.outstanding[0:4]) == [2, 2, 2, 2]
+
+
+def test_endgame_first_verified_copy_wins() -> None:
+    d = endgame_download()
+    assert d.take_endgame("b", [("a", (0, 4))]) == (0, 4)
+    d.on_done("b", 0, 4)
+    assert d.complete and d.segment_sources[:4] == ["b"] * 4
+    assert d.not_done_runs(0, 4) == []  # the late original must write nothing
+    d.on_done("a", 0, 4)  # ... and changes nothing
+    assert d.segment_sources[:4] == ["b"] * 4 and d.done == 8
+
+
+def test_endgame_duplicate_failing_leaves_the_original_in_charge() -> None:
+    d = endgame_download()
+    assert d.take_endgame("b", [("a", (0, 4))]) == (0, 4)
+    d.on_failed("b", 0, 4, timed_out=False)
+    assert states(d, 0, 4) == {SegmentState.PENDING}  # "a" still has it in flight
+    assert queued(d, BROKER) == set()
+    d.on_failed("a", 0, 4, timed_out=True)  # now nobody has it: requeued, b excluded (bad bytes)
+    assert states(d, 0, 4) == {SegmentState.MISSING}
+    assert queued(d, BROKER) == set(range(4))
+
+
+def test_endgame_respects_holdings_and_exclusions() -> None:
+    d = Download(8, SegmentSet(), batch=4)
+    d.replan([peer("a"), peer("c", [(4, 4)]), broker()], [(0, 4, 0), (4, 4, 1)])
+    d.take("a")
+    d.take("c")
+    d.on_done("c", 4, 4)
+    assert d.take_endgame("c", [("a", (0, 4))]) is None  # c does not hold segments 0-3
+
+
+def test_not_in_endgame_while_work_is_queued_or_deferred() -> None:
+    d = Download(8, SegmentSet(), batch=4)
+    d.replan([peer("a"), broker()], [(0, 8, 0)])
+    d.take("a")
+    assert not d.in_endgame()  # (4, 4) still queued
+    d2 = Download(8, SegmentSet(), batch=4)
+    d2.replan([peer("a"), broker()], [(0, 4, 0)])  # 4-7 deferred
+    d2.take("a")
+    assert not d2.in_endgame() and d2.deferred() == 4
+
+
+def test_reply_times_adapt_the_timeout_with_the_floor_kept() -> None:
+    from peer.agent import _ReplyTimes
+
+    times = _ReplyTimes()
+    assert times.timeout(2.0) == 2.0 and times.patience(2.0) == 0.5  # nothing measured yet
+    for _ in range(20):
+        times.sample(0.01)  # a fast source
+    assert times.timeout(2.0) == 2.0  # never below the floor
+    assert times.patience(2.0) == 0.5
+    slow = _ReplyTimes()
+    for _ in range(20):
+        slow.sample(3.0)  # a loaded one: waited for, not given up on
+    assert 3.0 < slow.timeout(2.0) <= 60.0
+    assert slow.patience(2.0) == pytest.approx(6.0, rel=0.01)

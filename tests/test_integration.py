@@ -388,3 +388,32 @@ def test_get_without_a_broker_fails_clearly(tmp_path: Path, start_peer: StartPee
     with pytest.raises(BrokerUnavailable, match="not registered"):
         peer.get("f.bin", timeout=30)
     assert time.monotonic() - started < 5
+
+
+def test_origin_only_policy_serves_everything_from_the_broker(
+    share: Path, start_broker: StartBroker, start_peer: StartPeer
+) -> None:
+    data = write_random(share / "f.bin", 20 * SEGMENT_SIZE, seed=40)
+    broker = start_broker(plan_policy="origin_only")
+    start_peer("p1", broker).get("f.bin", timeout=20)
+    r2 = start_peer("p2", broker).get("f.bin", timeout=20)
+    assert r2.sources == {"broker": 20}  # p1 holds it, but the policy says origin only
+    assert r2.path.read_bytes() == data
+
+
+def test_endgame_asks_an_idle_peer_for_a_straggling_run(
+    share: Path, start_broker: StartBroker, start_peer: StartPeer
+) -> None:
+    data = write_random(share / "f.bin", 2 * 1024 * 1024, seed=41)  # two 64-segment blocks
+    broker = start_broker()
+    slow = start_peer("slow", broker, upload_limit_mib_s=0.1)  # a 1 MiB run takes ~10 s
+    fast = start_peer("fast", broker)
+    slow.get("f.bin", timeout=20)
+    fast.get("f.bin", timeout=20)
+    downloader = start_peer("dl", broker)
+    result = downloader.get("f.bin", timeout=30)
+    assert result.path.read_bytes() == data
+    # The plan spread the blocks over both holders; the slow one's run straggled and was asked
+    # of the idle fast peer, whose verified copy won.
+    assert downloader.status()["counts"].get("endgame_requests", 0) >= 1
+    assert result.sources == {"fast": 128}

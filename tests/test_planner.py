@@ -465,3 +465,17 @@ def test_random_claims_plan_or_defer_every_needed_segment_once(seed: int) -> Non
         assert not any(i in h.segments for h in holders)
         owner = claims.get(i // block)
         assert owner not in (None, "me") or len(mine | set(plan.claimed)) >= window
+
+
+# --------------------------------------------------------------------------- origin share
+
+
+def test_origin_share() -> None:
+    from broker.planner import origin_share
+
+    assert origin_share(0, 2, {}, "a", 1000) == 0  # claims off
+    assert origin_share(32, 2, {}, "a", 1000) == 32  # alone: the whole budget
+    assert origin_share(32, 2, {1: "b", 2: "c", 3: "d"}, "a", 1000) == 8  # four claimants
+    assert origin_share(32, 2, {1: "a"}, "a", 1000) == 32  # its own claims do not count twice
+    assert origin_share(32, 2, {}, "a", 16) == 2  # a small file: at most an eighth, at least the lanes
+    assert origin_share(32, 3, {i: f"p{i}" for i in range(100)}, "a", 1000) == 3
