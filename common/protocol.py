@@ -260,11 +260,12 @@ class StatsMap(Field[dict[str, Any]]):
             raise _fail(where, f"unexpected {type(value).__name__}")
 
 
-def _load_fields(cls: type[T], value: Any, where: str) -> T:
+def _load_fields(cls: type[T], value: Any, where: str, header: bool = False) -> T:
+    """Check a map against `cls.SCHEMA` and build the object; `header`: the map also has `op`."""
     if type(value) is not dict:
         raise _fail(where, f"expected a map, got {type(value).__name__}")
     schema: dict[str, Field[Any]] = cls.SCHEMA  # type: ignore[attr-defined]
-    keys = value.keys() - {"op"} if where == "header" else value.keys()
+    keys = value.keys() - {"op"} if header else value.keys()
     if keys != schema.keys():
         missing = sorted(schema.keys() - keys)
         extra = sorted(str(k)[:40] for k in keys - schema.keys())
@@ -671,7 +672,7 @@ def decode(
     expected_frames = 2 if cls.PAYLOAD else 1
     if len(frames) != expected_frames:
         raise MalformedMessage(f"{cls.OP}: expected {expected_frames} frames, got {len(frames)}")
-    msg: Message = _load_fields(cls, value, "header")
+    msg: Message = _load_fields(cls, value, "header", header=True)
     if cls.PAYLOAD:
         payload = frames[1]
         view = payload.buffer if hasattr(payload, "buffer") else memoryview(payload)
