@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -175,7 +176,7 @@ class Agent(ServiceThread):
         self.config = config
         self.store = store
         self.serve_endpoint = serve_endpoint
-        self.registered = False
+        self._registered = threading.Event()  # set while the broker knows this peer; API threads wait on it
         self.session = 0
         self.heartbeat_interval_s = 1.0
         self.heartbeat_liveness = 3
@@ -196,6 +197,13 @@ class Agent(ServiceThread):
         self._reply_times: dict[str, _ReplyTimes] = {}  # by endpoint
         self._bad_log = RateLimitedLog(log)
         self._broker_down_logged = False
+
+    @property
+    def registered(self) -> bool:
+        return self._registered.is_set()
+
+    def wait_registered(self, timeout: float) -> bool:
+        return self._registered.wait(timeout)
 
     # ---- sockets
 
@@ -329,7 +337,7 @@ class Agent(ServiceThread):
     def _lost_registration(self, why: str) -> None:
         if self.registered:
             log.warning("%s: registering again", why)
-        self.registered = False
+        self._registered.clear()
         if not self._registering:
             self._send_register(time.monotonic())
 
@@ -350,7 +358,7 @@ class Agent(ServiceThread):
             log.error("registration refused: %s", getattr(reply, "message", reply))
             self._next_register = time.monotonic() + self.config.broker_timeout_s
             return
-        self.registered = True
+        self._registered.set()
         self.session = reply.session
         self.heartbeat_interval_s = reply.heartbeat_interval_s
         self.heartbeat_liveness = reply.heartbeat_liveness
@@ -422,7 +430,7 @@ class Agent(ServiceThread):
         return self.request_reply(StatsRequest)
 
     def say_bye(self) -> Future[Message]:
-        self.registered = False
+        self._registered.clear()
         return self.request_reply(Bye)
 
     def rescan(self) -> dict[bytes, int]:

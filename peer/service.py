@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Generator
 from concurrent.futures import Future
 from pathlib import Path
@@ -143,12 +142,9 @@ class Peer:
         return self._agent is not None and self._agent.registered
 
     def wait_registered(self, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.registered:
-                return True
-            time.sleep(0.01)
-        return self.registered
+        """Block until the broker has registered this peer (True), or `timeout` passes (False)."""
+        agent = self._agent
+        return agent is not None and agent.wait_registered(timeout)
 
     # ---- downloads
 
