@@ -222,8 +222,9 @@ class Download:
         for first, count in runs:
             self.on_reply(source_name, first, count)
         for first, count in runs:
+            hint = None
             for i in range(first, first + count):
-                self._retry_elsewhere(i, source_name)
+                hint = self._retry_elsewhere(i, source_name, hint)
         source = self.sources.get(source_name)
         if source is not None and source.holds is not None:
             for first, count in runs:
@@ -239,13 +240,14 @@ class Download:
             # The broker is the last resort: a slow origin is waited for, never given up on.
             if source.timeouts_in_a_row >= self.dead_after and source_name != BROKER:
                 self.mark_dead(source_name)
+        hint = None
         for i in range(first, first + count):
             if timed_out:
                 if self.state[i] != SegmentState.DONE and not self.outstanding[i]:
                     self._mark_missing(i)
-                    self._requeue(i, avoid=source_name)
+                    hint = self._requeue(i, avoid=source_name, hint=hint)
             else:
-                self._retry_elsewhere(i, source_name)
+                hint = self._retry_elsewhere(i, source_name, hint)
 
     def mark_dead(self, source_name: str) -> None:
         source = self.sources.get(source_name)
@@ -253,24 +255,31 @@ class Download:
             return
         source.dead = True
         queued, source.queue = list(source.queue), deque()
+        hint = None
         for first, count in queued:
             for i in range(first, first + count):
                 if self.state[i] == SegmentState.MISSING:
-                    self._requeue(i)
+                    hint = self._requeue(i, hint=hint)
 
-    def _retry_elsewhere(self, index: int, failed_source: str) -> None:
+    def _retry_elsewhere(
+        self, index: int, failed_source: str, hint: SourceState | None = None
+    ) -> SourceState | None:
         if self.state[index] == SegmentState.DONE:
-            return
+            return hint
         self.excluded.setdefault(index, set()).add(failed_source)
         if self.outstanding[index]:
-            return  # another request for it is still in flight (endgame): it decides
+            return hint  # another request for it is still in flight (endgame): it decides
         self._mark_missing(index)
-        self._requeue(index)
+        return self._requeue(index, hint=hint)
 
-    def _requeue(self, index: int, avoid: str | None = None) -> None:
-        """Queue a MISSING segment at the best source left: a peer, then the broker.
+    def _requeue(
+        self, index: int, avoid: str | None = None, hint: SourceState | None = None
+    ) -> SourceState | None:
+        """Queue a MISSING segment at the best source left: a peer, then the broker; returns it.
 
-        `avoid` is a source to use only when nothing else holds the segment.
+        `avoid` is a source to use only when nothing else holds the segment. `hint` is where the
+        previous segment of the same run went: kept while it still qualifies, so that a run stays
+        one run and a run of n segments does not cost n scans of every queue.
         """
         excluded = self.excluded.get(index, set())
         peers = [
@@ -283,20 +292,24 @@ class Download:
             if others or self._broker_usable(index):
                 peers = others
         if peers:
-            target = min(peers, key=lambda s: s.queued_segments() + s.in_flight * self.batch)
+            # Identity, not ==: SourceState is a dataclass, and equality would compare queues.
+            if hint is None or not any(p is hint for p in peers):
+                hint = min(peers, key=lambda s: s.queued_segments() + s.in_flight * self.batch)
+            target = hint
         elif self._broker_usable(index):
             target = self.sources[BROKER]
         elif avoid is not None and avoid in self.sources and not self.sources[avoid].dead:
             target = self.sources[avoid]  # slow, but the only one left
         else:
             self.stuck.append(index)
-            return
+            return None
         queue = target.queue
         if queue and queue[-1][0] + queue[-1][1] == index:
             last_first, last_count = queue.pop()
             queue.append((last_first, last_count + 1))
         else:
             queue.append((index, 1))
+        return target
 
     def _mark_missing(self, index: int) -> None:
         if self.state[index] == SegmentState.PENDING:
