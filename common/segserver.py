@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import zmq
 
@@ -108,8 +108,9 @@ class SegmentServer(ServiceThread):
             return  # not a REQ peer: nothing we can answer
         envelope = frames[:2]
         try:
-            request = protocol.decode(frames[2:], MAX_REQUEST_FRAME, allowed=(SegmentRequest,))
-            assert isinstance(request, SegmentRequest)
+            request = cast(
+                SegmentRequest, protocol.decode(frames[2:], MAX_REQUEST_FRAME, allowed=(SegmentRequest,))
+            )
             reply = self._serve(request)
         except MalformedMessage as exc:
             self.malformed += 1

@@ -29,11 +29,12 @@ import os
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -751,8 +752,7 @@ class Agent(ServiceThread):
             else:
                 download.on_failed(lane.source, run[0], run[1], timed_out=False)
             return
-        assert isinstance(reply, SegmentData)
-        self._accept_data(job, lane.source, run, reply)
+        self._accept_data(job, lane.source, run, cast(SegmentData, reply))
 
     def _accept_data(self, job: _Job, source: str, run: Run, reply: SegmentData) -> None:
         download, manifest = job.download, job.manifest
@@ -892,9 +892,7 @@ class Agent(ServiceThread):
     def _resolve(self, job: _Job, path: Path, segment_sources: list[str]) -> None:
         assert job.manifest is not None
         self._drop_job(job)
-        counts: dict[str, int] = {}
-        for name in segment_sources:
-            counts[name] = counts.get(name, 0) + 1
+        counts = dict(Counter(segment_sources))
         result = GetResult(
             name=job.manifest.name,
             path=path,

@@ -18,7 +18,7 @@ from typing import Any, Self
 
 import zmq
 
-from common.errors import ClosedError, TransferError
+from common.errors import ClosedError, ProtocolError, TransferError
 from common.protocol import FileEntry, Files, Stats
 from common.segserver import SegmentServer
 from common.service import endpoint
@@ -183,13 +183,15 @@ class Peer:
         """The broker's files."""
         agent = self._running_agent()
         reply = agent.call(agent.list_files).result(timeout).result(timeout)
-        assert isinstance(reply, Files)
+        if not isinstance(reply, Files):
+            raise ProtocolError(f"the broker answered list with {reply.OP}")
         return list(reply.files)
 
     def broker_stats(self, timeout: float = 10.0) -> dict[str, Any]:
         agent = self._running_agent()
         reply = agent.call(agent.broker_stats).result(timeout).result(timeout)
-        assert isinstance(reply, Stats)
+        if not isinstance(reply, Stats):
+            raise ProtocolError(f"the broker answered stats with {reply.OP}")
         return reply.stats
 
     def status(self) -> dict[str, Any]:
