@@ -1,12 +1,22 @@
-"""BrokerConfig: what a broker YAML file may say (the same names as the Python API)."""
+"""BrokerConfig: what a broker YAML file may say (the same names as the Python API).
+
+Every numeric field has both bounds: the upper ones are far beyond any sensible setting and are
+there to catch a slip (a value in ms where s was meant, extra zeros), not to tune anything.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from common.config import ConfigModel
+from common.config import ConfigModel, LogLevel, check_folder
+from common.errors import ConfigError
+
+DAY_S = 86400.0
+MAX_UPLOAD_MIB_S = 1_000_000.0  # about 1 TiB/s: beyond any link, so only a typo reaches it
 
 
 class BrokerConfig(ConfigModel):
@@ -19,6 +29,7 @@ class BrokerConfig(ConfigModel):
     tracker_port: int = Field(default=5555, ge=0, le=65535)
     heartbeat_port: int = Field(default=5556, ge=0, le=65535)
     origin_port: int = Field(default=5557, ge=0, le=65535)
+    # Bounds as the wire's `registered` message allows (common/protocol.py).
     heartbeat_interval_s: float = Field(default=1.0, ge=0.01, le=3600.0)
     heartbeat_liveness: int = Field(default=3, ge=1, le=100)
     # "swarm": peers first, the broker as the fallback. "origin_only": every segment from the
@@ -32,12 +43,46 @@ class BrokerConfig(ConfigModel):
     # 0: no claims (every downloader gets from the origin every block no peer has).
     origin_window_blocks: int = Field(default=32, ge=0, le=1 << 20)
     # A claim lapses when its downloader reports no progress on the file for this long.
-    origin_claim_idle_s: float = Field(default=2.0, gt=0.0)
-    strike_limit: int = Field(default=3, ge=1)  # bad-bytes reports before a peer is benched
-    bench_s: float = Field(default=30.0, ge=0.0)
-    upload_limit_mib_s: float = Field(default=0.0, ge=0.0)  # cap on segment upload; 0: none
-    max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=4096)
-    log_level: str = "INFO"
+    origin_claim_idle_s: float = Field(default=2.0, gt=0.0, le=DAY_S)
+    strike_limit: int = Field(default=3, ge=1, le=1000)  # bad-bytes reports before a peer is benched
+    bench_s: float = Field(default=30.0, ge=0.0, le=DAY_S)
+    upload_limit_mib_s: float = Field(default=0.0, ge=0.0, le=MAX_UPLOAD_MIB_S)  # cap on upload; 0: none
+    # Also the socket's message size limit; 64 MiB is the protocol's largest header.
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=4096, le=64 * 1024 * 1024)
+    # How often the share folder is listed for files added, changed or removed (0: only at start
+    # and on `rescan`). A listing stats every file; hashing happens only for what changed.
+    rescan_interval_s: float = Field(default=2.0, ge=0.0, le=DAY_S)
+    log_level: LogLevel = "INFO"
+
+    @field_validator("share_dir")
+    @classmethod
+    def _share_dir_not_a_file(cls, value: str) -> str:
+        # Only what is wrong whatever happens next: the folder itself may be created after the
+        # config is loaded (examples/demo.py does), so its existence is check_share_dir's business.
+        if os.path.lexists(value) and not os.path.isdir(value):
+            raise ValueError(f"{value} exists and is not a folder")
+        return value
+
+    @field_validator("manifest_dir")
+    @classmethod
+    def _manifest_dir_usable(cls, value: str) -> str:
+        return check_folder(value)
+
+    def check_share_dir(self) -> None:
+        """Raise a one-line ConfigError unless share_dir is an existing folder the broker can read.
+
+        Not part of validation, so that a program may create the folder after loading its config;
+        the broker calls it when it starts."""
+        path = Path(self.share_dir)
+        if path.is_dir() and os.access(path, os.R_OK | os.X_OK):
+            return
+        if path.is_dir():
+            problem = "is a folder this process cannot read"
+        elif os.path.lexists(path):
+            problem = "exists and is not a folder"
+        else:
+            problem = "does not exist (the broker shares this folder, it does not create it)"
+        raise ConfigError(self.problem_line("share_dir", f"{self.share_dir} {problem}"))
 
     @property
     def peer_expiry_s(self) -> float:

@@ -1,4 +1,8 @@
-"""PeerConfig: what a peer YAML file may say (the same names as the Python API)."""
+"""PeerConfig: what a peer YAML file may say (the same names as the Python API).
+
+Every numeric field has both bounds: the upper ones are far beyond any sensible setting and are
+there to catch a slip (a value in ms where s was meant, extra zeros), not to tune anything.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,18 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from common.config import ConfigModel
+from common.config import ConfigModel, LogLevel, check_folder
 from common.protocol import ENDPOINT_PATTERN, NAME_PATTERN, RESERVED_SOURCE_NAMES
+
+MAX_UPLOAD_MIB_S = 1_000_000.0  # about 1 TiB/s: beyond any link, so only a typo reaches it
 
 
 class PeerConfig(ConfigModel):
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data_dir",)
+    HINTS: ClassVar[dict[str, str]] = {
+        "name": "must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        "broker": "must be a tracker endpoint like tcp://127.0.0.1:5555",
+    }
 
     name: str = Field(pattern=NAME_PATTERN.pattern)
     broker: str = Field(pattern=ENDPOINT_PATTERN.pattern)  # the broker's tracker endpoint
@@ -25,8 +35,8 @@ class PeerConfig(ConfigModel):
     broker_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
     have_flush_interval_s: float = Field(default=0.1, ge=0.0, le=60.0)
     replan_interval_s: float = Field(default=1.0, gt=0.0, le=600.0)
-    upload_limit_mib_s: float = Field(default=0.0, ge=0.0)  # cap on segment upload; 0: none
-    log_level: str = "INFO"
+    upload_limit_mib_s: float = Field(default=0.0, ge=0.0, le=MAX_UPLOAD_MIB_S)  # cap on upload; 0: none
+    log_level: LogLevel = "INFO"
 
     @field_validator("name")
     @classmethod
@@ -34,6 +44,11 @@ class PeerConfig(ConfigModel):
         if name in RESERVED_SOURCE_NAMES:
             raise ValueError(f"{name!r} is reserved for the protocol")
         return name
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_usable(cls, value: str) -> str:
+        return check_folder(value)
 
     @property
     def public_host(self) -> str:

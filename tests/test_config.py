@@ -32,7 +32,7 @@ def run_cli(module: str, config: Path, *extra: str) -> subprocess.CompletedProce
         ("broker", "share_dir: s\nmanifest_dir: m\ntracker_port: abc\n", "tracker_port: "),
         ("broker", "share_dir: s\nmanifest_dir: m\ntracker_port: 70000\n", "tracker_port: "),
         ("broker", "manifest_dir: m\n", "share_dir: required key is missing"),
-        ("broker", "share_dir: [unclosed\n", "line"),
+        ("broker", "share_dir: [unclosed\n", "invalid YAML"),
         ("broker", "- a list\n", "mapping"),
         ("peer", "name: p1\nbroker: tcp://127.0.0.1:1\n", "data_dir: required key is missing"),
         ("peer", "name: 'bad name'\nbroker: tcp://127.0.0.1:1\ndata_dir: d\n", "name: "),
