@@ -1,41 +1,85 @@
-"""Catalog: the broker's shared files and their manifests.
+"""Catalog: the broker's shared files and their manifests, kept current while the broker runs.
 
-At start the broker scans `share_dir` recursively and keeps one manifest per file in
-`manifest_dir` (same relative path plus `.manifest`), written atomically (temporary file, then
-`os.replace`) and reused on restart while the file's size and mtime are unchanged.
+Theory of operation
+-------------------
+At start the broker scans `share_dir` (regular files only: symlinks and special files are never
+shared) and keeps one manifest per file in `manifest_dir` (same relative path plus `.manifest`,
+written atomically and fsynced, see common/manifest.py), reused while the file's size, mtime and
+inode are unchanged. After that, a `CatalogWorker` thread keeps the catalog current: every
+`rescan_interval_s`, or at once on `rescan()`, it lists the folder, hashes files that are new or
+whose stat changed, drops files that vanished, and reports each change to the tracker, which
+never waits on a disk. A file the origin found changed behind its manifest (a slice that does
+not verify, even with the same size and mtime: `cp -p`, bit rot) is hashed again too, ignoring
+the cached manifest, and gets a new `file_id`; while that happens, GETs for it wait.
 
-The catalog is also the origin's segment reader: every slice it serves is verified against the
-manifest it handed out. When a file changed on disk behind the manifest, the slice is refused
-(never served) and the file is queued for a rebuild, which gives it a new `file_id`.
+The catalog is also the origin's segment reader. Every open is `O_NOFOLLOW | O_NONBLOCK` and
+checked to be the very file that was scanned (same device and inode, a regular file), so a
+symlink or a FIFO swapped in later is never read. Every slice served is verified against the
+manifest handed out. Only evidence (bytes that fail their digest, a file whose identity or
+stat changed) marks a file for a rebuild; a transient error (no file descriptor free, no memory,
+an interrupted call) is answered `busy` and changes nothing.
 
-Thread use: the tracker thread reads it, the origin thread reads it, rebuilds swap whole entries
-under a lock; manifests themselves are immutable.
+Thread use: the tracker and origin threads read it, the worker swaps whole entries under a lock;
+manifests themselves are immutable.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgpack
-
-from common.manifest import SEGMENT_SIZE, Manifest, check_name, hash_file
+from common.manifest import SEGMENT_SIZE, Manifest, check_name, hash_file, read_manifest_file, write_manifest_file
 from common.ranges import Run
+from common.segserver import SourceBusy
 
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = ".manifest"
-_FORMAT = 1
+# Errors that say "not now", not "this file changed": they must never drop a manifest.
+TRANSIENT_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN, errno.ENOBUFS, errno.EBUSY}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FileStat:
+    size: int
+    mtime_ns: int
+    dev: int
+    ino: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStat:
+        return cls(st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
 
 
 @dataclass(frozen=True, slots=True)
 class CatalogEntry:
     manifest: Manifest
     path: Path
-    mtime_ns: int
+    stat: FileStat
+
+    @property
+    def mtime_ns(self) -> int:
+        return self.stat.mtime_ns
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A file that was added, changed or removed; `old_file_id`: the version it replaced."""
+
+    name: str
+    old_file_id: bytes | None
+
+
+def is_transient(exc: OSError) -> bool:
+    return exc.errno in TRANSIENT_ERRNOS
 
 
 class Catalog:
@@ -45,117 +89,142 @@ class Catalog:
         self._lock = threading.Lock()
         self._by_name: dict[str, CatalogEntry] = {}
         self._by_id: dict[bytes, CatalogEntry] = {}
-        self._stale: set[str] = set()
+        self._suspect: set[str] = set()  # failed verification when served: rehash, no cache
+        self._rebuilding: set[str] = set()  # GETs wait for these
+        self.on_suspect: Callable[[], None] | None = None  # wakes the worker
         self.built = 0
         self.reused = 0
 
     # ---- scanning
 
-    def scan(self) -> None:
-        """Build or reuse the manifest of every file under share_dir (blocking)."""
+    def scan(self) -> list[Change]:
+        """Bring the catalog in line with the folder (blocking: run it at start or on the worker).
+        Returns what changed."""
         if not self.share_dir.is_dir():
             raise FileNotFoundError(f"share_dir {self.share_dir} is not a folder")
         self.manifest_dir.mkdir(parents=True, exist_ok=True)
-        found: dict[str, CatalogEntry] = {}
-        for path in sorted(self.share_dir.rglob("*")):
-            if not path.is_file() or path.is_symlink():
-                continue
-            name = path.relative_to(self.share_dir).as_posix()
-            problem = check_name(name)
-            if problem:
-                log.warning("not sharing %s: %s", path, problem)
-                continue
-            entry = self._load_or_build(name, path)
-            if entry is not None:
-                found[name] = entry
+        found = self._list_files()
         with self._lock:
-            self._by_name = found
-            self._by_id = {e.manifest.file_id: e for e in found.values()}
-            self._stale.clear()
-        log.info(
-            "catalog: %d files (%d manifests built, %d reused) from %s",
-            len(found),
-            self.built,
-            self.reused,
-            self.share_dir,
-        )
+            suspect, self._suspect = self._suspect, set()
+            known = dict(self._by_name)
+        changes: list[Change] = []
+        for name, (path, file_stat) in sorted(found.items()):
+            old = known.get(name)
+            if old is not None and old.stat == file_stat and name not in suspect:
+                continue
+            if old is not None or name in suspect:
+                self._mark_rebuilding(name)
+            try:
+                entry = self._load_or_build(name, path, file_stat, trust_cache=name not in suspect)
+            except SourceBusy:
+                with self._lock:
+                    self._rebuilding.discard(name)
+                    if name in suspect:
+                        self._suspect.add(name)  # try again next time
+                continue
+            self._install(name, entry)
+            if entry is None or old is None or entry.manifest.file_id != old.manifest.file_id:
+                changes.append(Change(name, old.manifest.file_id if old else None))
+        for name, old in known.items():
+            if name not in found:
+                self._install(name, None)
+                changes.append(Change(name, old.manifest.file_id))
+        return changes
+
+    def _list_files(self) -> dict[str, tuple[Path, FileStat]]:
+        found: dict[str, tuple[Path, FileStat]] = {}
+        for folder, dirs, files in os.walk(self.share_dir, followlinks=False):
+            dirs.sort()
+            for file_name in sorted(files):
+                path = Path(folder) / file_name
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # symlinks, FIFOs, sockets, devices: never shared
+                name = path.relative_to(self.share_dir).as_posix()
+                problem = check_name(name)
+                if problem:
+                    log.warning("not sharing %s: %s", path, problem)
+                    continue
+                found[name] = (path, FileStat.of(st))
+        return found
+
+    def _mark_rebuilding(self, name: str) -> None:
+        with self._lock:
+            self._rebuilding.add(name)
+
+    def _install(self, name: str, entry: CatalogEntry | None) -> None:
+        with self._lock:
+            old = self._by_name.pop(name, None)
+            if old is not None:
+                self._by_id.pop(old.manifest.file_id, None)
+            if entry is not None:
+                self._by_name[name] = entry
+                self._by_id[entry.manifest.file_id] = entry
+            self._rebuilding.discard(name)
 
     def _manifest_path(self, name: str) -> Path:
         return self.manifest_dir / (name + MANIFEST_SUFFIX)
 
-    def _load_or_build(self, name: str, path: Path) -> CatalogEntry | None:
+    def _load_or_build(self, name: str, path: Path, file_stat: FileStat, trust_cache: bool) -> CatalogEntry | None:
+        if trust_cache:
+            cached = self._read_manifest(name, file_stat)
+            if cached is not None:
+                self.reused += 1
+                return CatalogEntry(cached, path, file_stat)
         try:
-            st = path.stat()
+            fd = _open_regular(path)
         except OSError as exc:
-            log.warning("not sharing %s: %s", path, exc.strerror)
+            if is_transient(exc):
+                raise SourceBusy(str(exc)) from None
+            log.warning("not sharing %s: %s", path, exc.strerror or exc)
             return None
-        cached = self._read_manifest(name, st.st_size, st.st_mtime_ns)
-        if cached is not None:
-            self.reused += 1
-            return CatalogEntry(cached, path, st.st_mtime_ns)
         try:
-            manifest = hash_file(path, name)
-            after = path.stat()
+            opened = FileStat.of(os.fstat(fd))
+            if (opened.dev, opened.ino) != (file_stat.dev, file_stat.ino):
+                log.warning("not sharing %s: it was replaced while being read", path)
+                return None
+            manifest = hash_file(fd, name)
+            after = FileStat.of(os.fstat(fd))
         except OSError as exc:
+            if is_transient(exc):
+                raise SourceBusy(str(exc)) from None
             log.warning("not sharing %s: %s", path, exc)
             return None
-        if (after.st_size, after.st_mtime_ns) != (manifest.size, st.st_mtime_ns):
-            log.warning("not sharing %s: it changed while it was being hashed", path)
+        finally:
+            os.close(fd)
+        if (after.size, after.mtime_ns) != (manifest.size, opened.mtime_ns):
+            log.warning("not sharing %s yet: it changed while it was being hashed", path)
             return None
-        self._write_manifest(manifest, st.st_mtime_ns)
-        self.built += 1
-        return CatalogEntry(manifest, path, st.st_mtime_ns)
-
-    def _read_manifest(self, name: str, size: int, mtime_ns: int) -> Manifest | None:
         try:
-            data = msgpack.unpackb(self._manifest_path(name).read_bytes(), raw=False)
-            if (
-                type(data) is not dict
-                or data.get("format") != _FORMAT
-                or data.get("name") != name
-                or data.get("size") != size
-                or data.get("mtime_ns") != mtime_ns
-            ):
-                return None
-            manifest = Manifest(
-                name=name,
-                size=size,
-                digests=data["digests"],
-                segment_size=data["segment_size"],
-                file_id=data["file_id"],
+            write_manifest_file(
+                self._manifest_path(name), manifest, mtime_ns=after.mtime_ns, ino=after.ino, dev=after.dev
             )
+        except OSError as exc:
+            log.warning("cannot save the manifest of %s (it is rebuilt on restart): %s", name, exc)
+        self.built += 1
+        return CatalogEntry(manifest, path, after)
+
+    def _read_manifest(self, name: str, file_stat: FileStat) -> Manifest | None:
+        try:
+            manifest, extra = read_manifest_file(self._manifest_path(name))
         except FileNotFoundError:
             return None
-        except Exception as exc:  # a damaged manifest is rebuilt, never trusted
+        except (OSError, ValueError) as exc:  # a damaged manifest is rebuilt, never trusted
             log.warning("rebuilding the manifest of %s: %s", name, exc)
             return None
-        if manifest.consistency_error() is not None:
+        if (
+            manifest.name != name
+            or manifest.size != file_stat.size
+            or extra.get("mtime_ns") != file_stat.mtime_ns
+            or extra.get("ino") != file_stat.ino
+        ):
             return None
         return manifest
 
-    def _write_manifest(self, manifest: Manifest, mtime_ns: int) -> None:
-        target = self._manifest_path(manifest.name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        data = msgpack.packb(
-            {
-                "format": _FORMAT,
-                "name": manifest.name,
-                "size": manifest.size,
-                "mtime_ns": mtime_ns,
-                "segment_size": manifest.segment_size,
-                "file_id": manifest.file_id,
-                "digests": manifest.digests,
-            },
-            use_bin_type=True,
-        )
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-
-    # ---- lookups
+    # ---- lookups (no disk)
 
     def by_name(self, name: str) -> CatalogEntry | None:
         with self._lock:
@@ -169,31 +238,18 @@ class Catalog:
         with self._lock:
             return sorted(self._by_name.values(), key=lambda e: e.manifest.name)
 
-    def is_current(self, entry: CatalogEntry) -> bool:
-        """False when the file changed on disk since its manifest was built (a stat: ~2 us)."""
-        try:
-            st = entry.path.stat()
-        except OSError:
-            return False
-        return (st.st_size, st.st_mtime_ns) == (entry.manifest.size, entry.mtime_ns)
-
-    def take_stale(self) -> list[str]:
+    def rebuilding(self, name: str) -> bool:
         with self._lock:
-            stale, self._stale = self._stale, set()
-            return sorted(stale)
+            return name in self._rebuilding or name in self._suspect
 
-    def rebuild(self, name: str) -> CatalogEntry | None:
-        """Hash a changed file again; its new manifest replaces the old one (new file_id)."""
-        path = self.share_dir / name
-        entry = self._load_or_build(name, path) if path.is_file() else None
+    def suspect(self, name: str) -> None:
+        """The origin found this file changed behind its manifest: rehash it (new file_id)."""
         with self._lock:
-            old = self._by_name.pop(name, None)
-            if old is not None:
-                self._by_id.pop(old.manifest.file_id, None)
-            if entry is not None:
-                self._by_name[name] = entry
-                self._by_id[entry.manifest.file_id] = entry
-        return entry
+            if name in self._suspect:
+                return
+            self._suspect.add(name)
+        if self.on_suspect is not None:
+            self.on_suspect()
 
     # ---- origin reads (SegmentReader)
 
@@ -206,26 +262,107 @@ class Catalog:
             raise ValueError(f"segments [{first}, {first + count}) beyond {manifest.segment_count}")
         length = manifest.run_length(first, count)
         try:
-            with open(entry.path, "rb", buffering=0) as f:
-                data = os.pread(f.fileno(), length, first * SEGMENT_SIZE)
-        except OSError:
-            data = b""
-        flags = manifest.verify_run(first, data) if data else []
-        if len(flags) == count and all(flags):
+            fd = _open_regular(entry.path)
+        except OSError as exc:
+            if is_transient(exc):
+                raise SourceBusy(str(exc)) from None
+            data = b""  # gone, or not a regular file any more
+        else:
+            try:
+                opened = FileStat.of(os.fstat(fd))
+                data = os.pread(fd, length, first * SEGMENT_SIZE) if opened == entry.stat else b""
+            except OSError as exc:
+                if is_transient(exc):
+                    raise SourceBusy(str(exc)) from None
+                data = b""
+            finally:
+                os.close(fd)
+        good, bad = manifest.split_verified(first, count, data)
+        if not bad:
             return data, []
         # The file no longer matches the manifest handed out: serve only what still verifies.
-        flags += [False] * (count - len(flags))
-        with self._lock:
-            self._stale.add(manifest.name)
-        parts: list[bytes] = []
-        missing: list[Run] = []
-        for k, ok in enumerate(flags):
-            i = first + k
-            if ok:
-                offset = k * SEGMENT_SIZE
-                parts.append(data[offset : offset + manifest.segment_length(i)])
-            elif missing and missing[-1][0] + missing[-1][1] == i:
-                missing[-1] = (missing[-1][0], missing[-1][1] + 1)
-            else:
-                missing.append((i, 1))
-        return b"".join(parts), missing
+        self.suspect(manifest.name)
+        parts = [data[(f - first) * SEGMENT_SIZE : (f - first) * SEGMENT_SIZE + manifest.run_length(f, c)] for f, c in good]
+        return b"".join(parts), bad
+
+
+def _open_regular(path: Path) -> int:
+    """Open for reading without following a symlink or blocking on a FIFO; a regular file only."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class CatalogWorker:
+    """The thread that keeps the catalog current: a periodic rescan, an immediate one on
+    request, and the rebuild of files the origin found changed. It owns no socket; it reports
+    changes through `on_changes` (the broker posts them to the tracker thread)."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        rescan_interval_s: float,
+        on_changes: Callable[[list[Change]], None],
+    ) -> None:
+        self.catalog = catalog
+        self.rescan_interval_s = rescan_interval_s
+        self.on_changes = on_changes
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._scans_done = 0
+        self._scan_done = threading.Condition()
+        self._thread = threading.Thread(target=self._main, name="zswarm-catalog", daemon=True)
+        catalog.on_suspect = self._wake.set
+
+    def start(self, timeout: float = 10.0) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("catalog worker did not stop within %.1f s (a file is being hashed)", timeout)
+
+    def rescan(self, timeout: float = 600.0) -> bool:
+        """Scan now and wait for the scan to finish (True) or `timeout` (False)."""
+        with self._scan_done:
+            target = self._scans_done + 1
+            self._wake.set()
+            return self._scan_done.wait_for(lambda: self._scans_done >= target or self._stop.is_set(), timeout)
+
+    def _main(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.rescan_interval_s if self.rescan_interval_s > 0 else None)
+            if self._stop.is_set():
+                return
+            self._wake.clear()
+            try:
+                changes = self.catalog.scan()
+            except Exception:
+                log.exception("catalog rescan failed (it is tried again)")
+                changes = []
+            if changes:
+                for change in changes:
+                    entry = self.catalog.by_name(change.name)
+                    log.info(
+                        "%s: %s",
+                        change.name,
+                        "no longer shared"
+                        if entry is None
+                        else ("new version " if change.old_file_id else "now shared, ")
+                        + f"{entry.manifest.file_id.hex()[:16]}",
+                    )
+                try:
+                    self.on_changes(changes)
+                except Exception:
+                    log.exception("reporting catalog changes failed")
+            with self._scan_done:
+                self._scans_done += 1
+                self._scan_done.notify_all()

@@ -2,6 +2,7 @@
 
     ZswarmError                 base: catch this to catch everything zswarm raises
     +-- ConfigError             a config file or value is wrong: fix the config (CLI exit status 2)
+    +-- InvalidName             a file name that can never be shared ('..', absolute, control bytes)
     +-- ProtocolError           the other side broke the protocol
     |   +-- MalformedMessage    a frame failed decoding or validation: the sender is buggy or hostile
     +-- RemoteError             the other side answered with an error code (.code, .message)
@@ -32,6 +33,8 @@ class WireCode(enum.StrEnum):
     NOT_HELD = "not_held"  # the server holds none of the requested segments
     VERSION = "version"  # protocol version not supported
     INTERNAL = "internal"  # the server failed; the request may be retried
+    BUSY = "busy"  # a transient condition (a manifest being rebuilt, no file descriptor free): retry
+    NAME_TAKEN = "name_taken"  # another live peer registered this name from another connection
 
 
 class ZswarmError(Exception):
@@ -40,6 +43,10 @@ class ZswarmError(Exception):
 
 class ConfigError(ZswarmError):
     """A config file or value is wrong. The message names the file, the key and the problem."""
+
+
+class InvalidName(ZswarmError, ValueError):
+    """A file name that no broker can share: nothing was sent or created."""
 
 
 class ProtocolError(ZswarmError):

@@ -12,8 +12,13 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import msgpack
 from blake3 import blake3
+
+Run = tuple[int, int]  # (first, count), as in common.ranges
 
 SEGMENT_SIZE = 16 * 1024
 DIGEST_SIZE = 32
@@ -98,6 +103,28 @@ class Manifest:
             )
         return ok
 
+    def split_verified(self, first: int, count: int, data: bytes | memoryview) -> tuple[list[Run], list[Run]]:
+        """Verify segments [first, first + count) held consecutively in `data`.
+
+        Returns (runs that verified, runs that did not), each in index order. Segments whose bytes
+        are absent (short data) or wrong are in the second list. This is the one routine every
+        reader and writer uses: the origin before serving, a peer before serving and at start,
+        a downloader before writing.
+        """
+        flags = self.verify_run(first, data)
+        flags += [False] * (count - len(flags))
+        good: list[Run] = []
+        bad: list[Run] = []
+        k = 0
+        while k < count:
+            j = k
+            ok = flags[k]
+            while j < count and flags[j] == ok:
+                j += 1
+            (good if ok else bad).append((first + k, j - k))
+            k = j
+        return good, bad
+
     def consistency_error(self) -> str | None:
         """Why the fields contradict each other, or None (used on manifests from disk or wire)."""
         if self.segment_size != SEGMENT_SIZE:
@@ -112,24 +139,93 @@ class Manifest:
         return f"bad name: {problem}" if problem else None
 
 
-def hash_file(path: str | os.PathLike[str], name: str) -> Manifest:
-    """Build the manifest of a file on disk (reads it once, in 1 MiB chunks)."""
+def hash_file(path: str | os.PathLike[str] | int, name: str) -> Manifest:
+    """Build the manifest of a file on disk, given its path or an open descriptor (read once, in
+    1 MiB chunks; a descriptor is left open and read from offset 0 with pread)."""
+    if isinstance(path, int):
+        return _hash_fd(path, name)
+    with open(path, "rb", buffering=0) as f:
+        return _hash_fd(f.fileno(), name)
+
+
+def _hash_fd(fd: int, name: str) -> Manifest:
     parts: list[bytes] = []
     size = 0
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(_READ_CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            size += n
-            for off in range(0, n, SEGMENT_SIZE):
-                parts.append(blake3(view[off : min(off + SEGMENT_SIZE, n)]).digest())
-            if n % SEGMENT_SIZE:
-                # A short read mid-file would misalign every later segment: only the last may be short.
-                rest = f.read(1)
-                if rest:
-                    raise OSError(f"{path}: short read in the middle of the file")
-                break
+    buf = bytearray(_READ_CHUNK)
+    view = memoryview(buf)
+    while True:
+        n = os.preadv(fd, [buf], size)
+        if not n:
+            break
+        for off in range(0, n, SEGMENT_SIZE):
+            parts.append(blake3(view[off : min(off + SEGMENT_SIZE, n)]).digest())
+        size += n
+        if n % SEGMENT_SIZE:
+            # A short read mid-file would misalign every later segment: only the last may be short.
+            if os.pread(fd, 1, size):
+                raise OSError(f"{name}: short read in the middle of the file")
+            break
     return Manifest(name=name, size=size, digests=b"".join(parts))
+
+
+# --------------------------------------------------------------------------- manifest files
+
+MANIFEST_FORMAT = 1
+
+
+def write_manifest_file(path: Path, manifest: Manifest, **extra: Any) -> None:
+    """Write a manifest file atomically and durably: a temporary file in the same folder, fsync,
+    `os.replace`. `extra` keys (e.g. the source file's mtime) are stored beside the manifest."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = msgpack.packb(
+        {
+            "format": MANIFEST_FORMAT,
+            "name": manifest.name,
+            "size": manifest.size,
+            "segment_size": manifest.segment_size,
+            "file_id": manifest.file_id,
+            "digests": manifest.digests,
+            **extra,
+        },
+        use_bin_type=True,
+    )
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_manifest_file(path: Path) -> tuple[Manifest, dict[str, Any]]:
+    """Read a manifest file; returns it with the extra keys. Raises FileNotFoundError when absent
+    and ValueError when the file is damaged or inconsistent (a manifest is rebuilt, never trusted)."""
+    raw = path.read_bytes()
+    try:
+        data = msgpack.unpackb(raw, raw=False)
+    except Exception as exc:
+        raise ValueError(f"not a manifest file: {type(exc).__name__}") from None
+    if type(data) is not dict or data.get("format") != MANIFEST_FORMAT:
+        raise ValueError("not a manifest file of format 1")
+    try:
+        # segment_size and file_id are absent from manifests written by zswarm 0.1 peers: derived.
+        manifest = Manifest(
+            name=data.pop("name"),
+            size=data.pop("size"),
+            digests=data.pop("digests"),
+            segment_size=data.pop("segment_size", SEGMENT_SIZE),
+            file_id=data.pop("file_id", b""),
+        )
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"manifest file lacks {exc}") from None
+    if type(manifest.size) is not int or type(manifest.digests) is not bytes:
+        raise ValueError("manifest file has fields of the wrong type")
+    problem = manifest.consistency_error()
+    if problem:
+        raise ValueError(problem)
+    data.pop("format")
+    return manifest, data

@@ -19,14 +19,21 @@ import zmq
 
 from common import protocol
 from common.errors import MalformedMessage, WireCode
+from common.metrics import Metrics, Snapshot
 from common.protocol import Error, SegmentData, SegmentRequest
 from common.ranges import Run
-from common.service import RateLimitedLog, ServiceThread, bind, make_socket
+from common.service import RateLimitedLog, ServiceThread
+from common.transport import Transport
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_FRAME = 4096  # a segment request header is ~60 bytes
 _BATCH = 64  # requests handled per wake-up before polling again
+
+
+class SourceBusy(Exception):
+    """A reader failed for a transient reason (no file descriptor free, no memory): the request
+    is answered `busy` and nothing held is dropped."""
 
 
 class SegmentReader(Protocol):
@@ -41,44 +48,52 @@ class SegmentServer(ServiceThread):
     def __init__(
         self,
         name: str,
-        context: zmq.Context[Any],
+        transport: Transport,
         reader: SegmentReader,
         host: str,
         port: int,
         upload_limit_bytes_s: float = 0.0,
+        port_key: str = "serve_port",
     ) -> None:
-        super().__init__(name, context)
+        super().__init__(name, transport.context)
+        self.transport = transport
         self.reader = reader
-        self.host, self.port = host, port
+        self.host, self.port, self.port_key = host, port, port_key
         # Upload cap (0: none). Replies wait in `_delayed` until the capped link would be free,
         # like a slow uplink; requests keep being read meanwhile.
         self.upload_limit_bytes_s = upload_limit_bytes_s
         self._link_free_at = 0.0
         self._delayed: deque[tuple[float, list[Any]]] = deque()
-        self.requests = 0
-        self.segments_served = 0
-        self.bytes_served = 0
-        self.refused = 0
-        self.malformed = 0
+        # Owned by this thread; others read `published`, a snapshot refreshed after each batch.
+        self.metrics = Metrics()
+        self._requests = self.metrics.counter("served_requests_total", "segment requests answered")
+        self._segments = self.metrics.counter("served_segments_total", "segments served")
+        self._bytes = self.metrics.counter("served_bytes_total", "payload bytes served")
+        self._refused = self.metrics.counter("refused_requests_total", "requests answered with an error")
+        self._malformed = self.metrics.counter("malformed_requests_total", "undecodable segment requests")
+        self.published: Snapshot = self.metrics.snapshot()
+        self._dirty = False
         self._bad_log = RateLimitedLog(log)
         self._sock: zmq.Socket[Any] | None = None
 
     def setup(self) -> None:
-        sock = make_socket(
-            self.context,
+        sock, self.port = self.transport.server(
             zmq.ROUTER,
+            self.host,
+            self.port,
+            self.port_key,
             maxmsgsize=MAX_REQUEST_FRAME,
             router_mandatory=1,
             sndhwm=64,
             rcvhwm=1024,
         )
         self._sock = sock
-        self.port = bind(sock, self.host, self.port)
         self.poller.register(sock, zmq.POLLIN)
 
     def teardown(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
+        self.published = self.metrics.snapshot()
 
     def next_timeout_ms(self, now: float) -> int:
         if self._delayed:
@@ -98,13 +113,17 @@ class SegmentServer(ServiceThread):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             self._handle(sock, frames)
+        if self._dirty:
+            self._dirty = False
+            self.published = self.metrics.snapshot()
 
     def _handle(self, sock: zmq.Socket[Any], frames: list[bytes]) -> None:
         # REQ envelope: [routing id, empty delimiter, request frames...]
+        self._dirty = True
         if len(frames) < 3 or frames[1] != b"":
-            self.malformed += 1
+            self._malformed.inc()
             return  # not a REQ peer: nothing we can answer
         envelope = frames[:2]
         try:
@@ -113,32 +132,35 @@ class SegmentServer(ServiceThread):
             )
             reply = self._serve(request)
         except MalformedMessage as exc:
-            self.malformed += 1
+            self._malformed.inc()
             self._bad_log.warning("%s: malformed segment request: %s", self.name, exc)
             reply = Error(0, WireCode.MALFORMED, str(exc))
         self._send(sock, envelope, reply)
 
     def _serve(self, request: SegmentRequest) -> SegmentData | Error:
-        self.requests += 1
+        self._requests.inc()
         try:
             found = self.reader.read_run(request.file_id, request.first, request.count)
         except ValueError as exc:
-            self.refused += 1
+            self._refused.inc()
             return Error(0, WireCode.BAD_REQUEST, str(exc))
+        except SourceBusy:
+            self._refused.inc()
+            return Error(0, WireCode.BUSY, "busy; retry")
         except Exception:
             log.exception("%s: reading segments failed", self.name)
-            self.refused += 1
+            self._refused.inc()
             return Error(0, WireCode.INTERNAL, "read failed")
         if found is None:
-            self.refused += 1
+            self._refused.inc()
             return Error(0, WireCode.NOT_HELD, "file not held")
         payload, missing = found
         missing_count = sum(c for _, c in missing)
         if missing_count == request.count:
-            self.refused += 1
+            self._refused.inc()
             return Error(0, WireCode.NOT_HELD, "none of these segments is held")
-        self.segments_served += request.count - missing_count
-        self.bytes_served += len(payload)
+        self._segments.inc(request.count - missing_count)
+        self._bytes.inc(len(payload))
         return SegmentData(request.file_id, request.first, request.count, tuple(missing), payload)
 
     def _send(self, sock: zmq.Socket[Any], envelope: list[bytes], reply: SegmentData | Error) -> None:
@@ -165,11 +187,16 @@ class SegmentServer(ServiceThread):
             # The downloader went away or is not reading: it will time out and ask elsewhere.
             self._bad_log.warning("%s: reply dropped: %s", self.name, exc.strerror)
 
+    @property
+    def segments_served(self) -> int:
+        return int(self.published.get("served_segments_total"))
+
     def counters(self) -> dict[str, int]:
+        snap = self.published
         return {
-            "requests": self.requests,
-            "segments_served": self.segments_served,
-            "bytes_served": self.bytes_served,
-            "refused": self.refused,
-            "malformed": self.malformed,
+            "requests": int(snap.get("served_requests_total")),
+            "segments_served": int(snap.get("served_segments_total")),
+            "bytes_served": int(snap.get("served_bytes_total")),
+            "refused": int(snap.get("refused_requests_total")),
+            "malformed": int(snap.get("malformed_requests_total")),
         }

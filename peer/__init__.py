@@ -1,7 +1,8 @@
 """A zswarm peer: downloads verified segments from the swarm and serves what it holds."""
 
-from peer.agent import GetResult
+from peer.agent import GetFuture
 from peer.config import PeerConfig
-from peer.service import GetFuture, Peer
+from peer.service import Peer
+from peer.transfer import GetResult, Progress
 
-__all__ = ["GetFuture", "GetResult", "Peer", "PeerConfig"]
+__all__ = ["GetFuture", "GetResult", "Peer", "PeerConfig", "Progress"]

@@ -1,25 +1,17 @@
-"""Agent: the peer's I/O thread. It owns the DEALER to the broker, the heartbeat PUB, and every
-REQ lane used to fetch segments; nothing else touches them.
+"""Agent: the peer's I/O thread, a thin shell around the broker session and the transfers.
 
-Theory of operation
--------------------
-Broker dialog. The agent registers with what the store holds, then publishes a heartbeat every
-interval the broker asked for. Requests carry a `rid`; replies are matched by it, and a request
-unanswered after `broker_timeout_s` fails. When nothing has come from the broker for a heartbeat
-expiry period the agent sends `ping`; a `pong` saying the peer is unknown (the broker restarted,
-or evicted it) or any `not_registered` error makes it register again with everything it holds.
-So a restarted broker relearns the swarm from the peers, without an operator.
+It owns the DEALER to the broker, the heartbeat PUB and every REQ lane used to fetch segments;
+nothing else touches them. The policy lives in two cores with no I/O: `BrokerSession`
+(peer/session.py: registration, request ids, heartbeats, pings, bye) and one `Transfer` per
+file being fetched (peer/transfer.py: plans, requests, timeouts, verification, endgame). The
+loop here only decodes what arrives, feeds it to the cores with the time, carries out the
+commands they return (send, write, close a lane, resolve a future) and sleeps until the nearest
+deadline they report.
 
-Downloads. `get` asks the broker for the manifest and a plan, then runs a `Download` (pure state)
-with up to `lanes_per_source` REQ sockets per source (fewer for the broker, as it says). A lane
-sends one run request and waits; its reply is verified segment by segment, the verified parts are
-written with `pwrite`, and they are reported to the broker in `have` batches every
-`have_flush_interval_s`, so this peer is a source for them at once. A lane whose reply does not
-come within `request_timeout_s` is closed (linger 0) and replaced: a REQ socket that lost its
-reply cannot send again (Lazy Pirate). Bad bytes and refusals are reported (`bad_source`). Every
-`replan_interval_s` a download still leaning on the broker asks for a fresh plan, to move to peers
-that gained segments meanwhile. On completion the last `have` is acknowledged before the file is
-moved to its final name and the future resolves: by then the broker knows this peer holds it.
+Lanes: a request goes out on an idle REQ socket connected to its source's endpoint (one request
+in flight per socket); the reply returns the socket to the idle pool of that endpoint. A request
+the transfer gives up on has its socket closed with linger 0 (a REQ that lost its reply cannot
+send again: Lazy Pirate).
 """
 
 from __future__ import annotations
@@ -29,34 +21,28 @@ import os
 import queue
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import zmq
 
 from common import protocol
 from common.errors import (
     BrokerUnavailable,
-    IntegrityError,
     MalformedMessage,
-    NoSourceLeft,
     RemoteError,
     StorageError,
     TransferError,
-    WireCode,
     ZswarmError,
 )
 from common.manifest import SEGMENT_SIZE, Manifest
+from common.metrics import Metrics
 from common.protocol import (
     BadSource,
-    Bye,
     Error,
-    FileInfo,
-    Files,
     Get,
     Have,
     Heartbeat,
@@ -65,139 +51,173 @@ from common.protocol import (
     Lost,
     Message,
     Ok,
-    Ping,
-    Pong,
     Register,
-    Registered,
     SegmentData,
     SegmentRequest,
-    Stats,
     StatsRequest,
 )
-from common.ranges import Run, SegmentSet
-from common.service import RateLimitedLog, ServiceThread, make_socket
+from common.ranges import Run
+from common.service import RateLimitedLog, ServiceThread
+from common.subscription import Subscription
+from common.transport import Transport
 from peer.config import PeerConfig
-from peer.download import BROKER, Download
+from peer.session import (
+    BrokerSession,
+    BrokerSilent,
+    ConnectHeartbeat,
+    Delivered,
+    PublishHeartbeat,
+    RegistrationChanged,
+    SendRegister,
+    Left,
+    SendTracker,
+    SessionCommand,
+)
 from peer.store import Store
+from peer.transfer import (
+    AbandonRequest,
+    Announce,
+    AskPlan,
+    BadBytes,
+    CancelledTransfer,
+    Command,
+    Completed,
+    Failed,
+    Finish,
+    GetResult,
+    Prepare,
+    Progress,
+    ReportBad,
+    RequestTimedOut,
+    SendRequest,
+    SourceTiming,
+    Transfer,
+    TransferSettings,
+    Write,
+)
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]
 _MAX_REPLY_HEADER = 64 * 1024
 _PROGRESS_INTERVAL_S = 0.1
-_MIN_REPLAN_GAP_S = 0.02  # deferred segments: ask again at most this often
-_MAX_REQUEST_TIMEOUT_S = 60.0
-_ORIGIN_PATIENCE = 4  # origin requests time out after 4 x request_timeout_s at least
+_IDLE_LANES_PER_ENDPOINT = 8
 
 
-@dataclass(frozen=True)
-class GetResult:
-    """What `Peer.get` returns."""
+class PeerMetrics:
+    """The agent's metrics (the segment server has its own: each thread owns what it updates)."""
 
-    name: str
-    path: Path
-    size: int
-    file_id: str  # hex
-    seconds: float
-    segment_sources: list[str]  # for each segment: "broker", a peer's name, or "local"
-    sources: dict[str, int]  # source -> number of segments
-
-
-@dataclass
-class _Pending:
-    deadline: float
-    on_reply: Callable[[Message], None]
-    on_timeout: Callable[[], None]
-
-
-@dataclass
-class _Lane:
-    job: _Job
-    source: str
-    endpoint: str
-    sock: zmq.Socket[Any] | None = None
-    request: Run | None = None
-    sent_at: float = 0.0
-    deadline: float = 0.0
+    def __init__(self, metrics: Metrics) -> None:
+        self.requests_sent = metrics.counter(
+            "segment_requests_total", "segment requests sent, by source", ("source",)
+        )
+        self.request_timeouts = metrics.counter(
+            "segment_request_timeouts_total", "segment requests given up on for lack of a reply"
+        )
+        self.segments_received = metrics.counter(
+            "segments_received_total", "verified segments written, by source", ("source",)
+        )
+        self.bytes_received = metrics.counter("received_bytes_total", "verified bytes written")
+        self.segments_rejected = metrics.counter(
+            "segments_rejected_total", "segments that failed verification and were discarded"
+        )
+        self.endgame_requests = metrics.counter(
+            "endgame_requests_total", "duplicate requests for straggling runs (endgame)"
+        )
+        self.downloads_active = metrics.gauge("downloads_active_downloads", "downloads in progress")
+        self.downloads_done = metrics.counter("downloads_completed_total", "downloads that completed")
+        self.downloads_failed = metrics.counter("downloads_failed_total", "downloads that failed")
+        self.tracker_requests = metrics.counter("tracker_requests_total", "requests sent to the broker")
+        self.reply_seconds = metrics.histogram("segment_reply_seconds", "segment request to reply")
 
 
-class _ReplyTimes:
-    """Smoothed reply time of one source (RFC 6298 style), so that a loaded but healthy source on
-    a slow link is given the time it needs, while `request_timeout_s` stays the floor."""
+class GetFuture(Future[GetResult]):
+    """The result of `Peer.start_get`: a Future that can also be awaited, with a progress
+    subscription. Cancelling it stops the download (verified segments are kept)."""
 
-    def __init__(self) -> None:
-        self.srtt: float | None = None
-        self.rttvar = 0.0
+    def __init__(self, progress: Subscription[Progress], on_cancel: Callable[[], None]) -> None:
+        super().__init__()
+        self._progress = progress
+        self._on_cancel = on_cancel
 
-    def sample(self, seconds: float) -> None:
-        if self.srtt is None:
-            self.srtt, self.rttvar = seconds, seconds / 2
-        else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - seconds)
-            self.srtt = 0.875 * self.srtt + 0.125 * seconds
+    def progress(self) -> Subscription[Progress]:
+        """Snapshots of the download's progress, newest first-come; ends when it ends."""
+        return self._progress
 
-    def timeout(self, floor: float) -> float:
-        if self.srtt is None:
-            return floor
-        return min(max(floor, self.srtt + 4 * self.rttvar), _MAX_REQUEST_TIMEOUT_S)
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        if cancelled:
+            self._on_cancel()
+        return cancelled
 
-    def patience(self, floor: float) -> float:
-        """How long a request may take before it counts as a straggler (endgame)."""
-        return max(floor / 4, 2 * self.srtt) if self.srtt is not None else floor / 4
+    def __await__(self) -> Any:
+        import asyncio
+
+        return asyncio.wrap_future(self).__await__()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
-    name: str
-    future: Future[GetResult]
-    progress: ProgressFn | None
-    started: float
-    deadline: float
-    manifest: Manifest | None = None
-    download: Download | None = None
+    serial: int
+    transfer: Transfer
+    futures: list[GetFuture]
+    progress: Subscription[Progress]
     fd: int = -1
-    lanes: dict[str, list[_Lane]] = field(default_factory=dict)
-    unflushed: SegmentSet = field(default_factory=SegmentSet)
-    last_flush: float = 0.0
-    next_replan: float = 0.0
-    last_plan_request: float = 0.0
-    plan_was_empty: bool = False
-    replanning: bool = False
-    stuck_replans: int = 0
-    finishing: bool = False
-    origin_lanes: int = 1
-    last_progress: float = 0.0
+    last_published: float = 0.0
+    request_sockets: dict[int, zmq.Socket[Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    job: _Job
+
+
+@dataclass(frozen=True, slots=True)
+class _Announced:
+    job: _Job
+    final: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    future: Future[Message]
 
 
 class Agent(ServiceThread):
     def __init__(
-        self, config: PeerConfig, context: zmq.Context[Any], store: Store, serve_endpoint: Callable[[], str]
+        self,
+        config: PeerConfig,
+        transport: Transport,
+        store: Store,
+        serve_endpoint: Callable[[], str],
+        metrics: Metrics,
     ) -> None:
-        super().__init__(f"zswarm-peer-{config.name}", context)
+        super().__init__(f"zswarm-peer-{config.name}", transport.context)
         self.config = config
+        self.transport = transport
         self.store = store
         self.serve_endpoint = serve_endpoint
-        self._registered = threading.Event()  # set while the broker knows this peer; API threads wait on it
-        self.session = 0
-        self.heartbeat_interval_s = 1.0
-        self.heartbeat_liveness = 3
-        self.heartbeat_endpoint: str | None = None
-        self.counts: dict[str, int] = {}
+        self.metrics = metrics
+        self.m = PeerMetrics(metrics)
+        self.session = BrokerSession(config.broker_timeout_s, time.monotonic())
+        self.settings = TransferSettings(
+            batch_segments=config.batch_segments,
+            lanes_per_source=config.lanes_per_source,
+            request_timeout_s=config.request_timeout_s,
+            have_flush_interval_s=config.have_flush_interval_s,
+            replan_interval_s=config.replan_interval_s,
+            broker_timeout_s=config.broker_timeout_s,
+        )
+        self.timings: dict[str, SourceTiming] = {}  # by endpoint, shared by every transfer
         self.lost_reports: queue.SimpleQueue[tuple[bytes, list[Run]]] = queue.SimpleQueue()
+        self._registered = threading.Event()  # set while the broker knows this peer; API threads wait on it
+        self._left = threading.Event()  # set once `bye` was answered or timed out
+        self._jobs: dict[str, _Job] = {}
+        self._serial = 0
         self._dealer: zmq.Socket[Any] | None = None
         self._pub: zmq.Socket[Any] | None = None
-        self._next_rid = 1
-        self._pending: dict[int, _Pending] = {}
-        self._registering = False
-        self._last_broker_reply = 0.0
-        self._ping_pending = False
-        self._next_heartbeat = 0.0
-        self._next_register = 0.0
-        self._jobs: dict[str, _Job] = {}
-        self._lanes_by_sock: dict[zmq.Socket[Any], _Lane] = {}
-        self._reply_times: dict[str, _ReplyTimes] = {}  # by endpoint
+        self._idle_lanes: dict[str, list[zmq.Socket[Any]]] = {}
+        self._lane_owner: dict[zmq.Socket[Any], tuple[_Job, int, str]] = {}
         self._bad_log = RateLimitedLog(log)
-        self._broker_down_logged = False
 
     @property
     def registered(self) -> bool:
@@ -209,16 +229,22 @@ class Agent(ServiceThread):
     # ---- sockets
 
     def setup(self) -> None:
-        dealer = make_socket(self.context, zmq.DEALER, sndhwm=1000, rcvhwm=1000)
-        dealer.connect(self.config.broker)
-        self._dealer = dealer
-        self.poller.register(dealer, zmq.POLLIN)
-        self._pub = make_socket(self.context, zmq.PUB, sndhwm=10)
-        self._send_register(time.monotonic())
+        self._dealer = self.transport.client(zmq.DEALER, self.config.broker, sndhwm=1000, rcvhwm=1000)
+        self.poller.register(self._dealer, zmq.POLLIN)
+        self._pub = self.transport.socket(zmq.PUB, sndhwm=10)
+        self._apply_session(self.session.register(time.monotonic()))
 
     def teardown(self) -> None:
+        now = time.monotonic()
         for job in list(self._jobs.values()):
-            self._fail(job, TransferError(f"peer closed while downloading {job.name}"))
+            error = TransferError(f"peer closed while downloading {job.transfer.name}")
+            self._run(job, job.transfer.abort(error, now))
+        for lanes in self._idle_lanes.values():
+            for sock in lanes:
+                self._close_socket(sock)
+        self._idle_lanes.clear()
+        for sock in list(self._lane_owner):
+            self._close_socket(sock)
         for sock in (self._dealer, self._pub):
             if sock is not None:
                 sock.close(linger=0)
@@ -226,66 +252,35 @@ class Agent(ServiceThread):
     # ---- the loop
 
     def next_timeout_ms(self, now: float) -> int:
-        deadlines = [self._next_heartbeat if self.registered else self._next_register]
-        deadlines.extend(p.deadline for p in self._pending.values())
-        for lane in self._lanes_by_sock.values():
-            if lane.request is not None:
-                deadlines.append(lane.deadline)
-                download = lane.job.download
-                if download is not None and download.in_endgame():
-                    deadlines.append(lane.sent_at + self._patience(lane.endpoint))  # a straggler then
+        deadlines = [d for d in (self.session.next_deadline(),) if d is not None]
         for job in self._jobs.values():
-            deadlines.append(job.deadline)
-            if job.download is None:
-                deadlines.append(job.started + self.config.broker_timeout_s)
-            if job.download is not None and not job.finishing:
-                if job.unflushed:
-                    deadlines.append(job.last_flush + self.config.have_flush_interval_s)
-                deadlines.append(job.next_replan)
-                if download_waits(job):
-                    deadlines.append(job.last_plan_request + _MIN_REPLAN_GAP_S)
-        if self.registered:
-            deadlines.append(self._last_broker_reply + self._broker_silence_s())
-        # Deadlines already past were acted on by the last tick, or need no action (a ping
-        # under way, a replan not wanted): counting them would spin the loop.
+            deadline = job.transfer.next_deadline()
+            if deadline is not None:
+                deadlines.append(deadline)
+            if job.futures and job.transfer.download is not None:
+                deadlines.append(job.last_published + _PROGRESS_INTERVAL_S)
+        # Deadlines already past were acted on by the last tick: counting them would spin.
         upcoming = [d for d in deadlines if d > now]
         wait = min(upcoming) - now if upcoming else 1.0
         return max(0, min(1000, int(wait * 1000) + 1))
 
     def run_once(self, timeout_ms: int) -> None:
         events = dict(self.poller.poll(timeout_ms))
+        now = time.monotonic()
         if self._dealer is not None and self._dealer in events:
-            self._drain_broker(self._dealer)
-        for sock in [s for s in events if s in self._lanes_by_sock]:
-            self._on_lane_reply(self._lanes_by_sock[sock])
-        now = time.monotonic()
-        self._send_lost_reports()
-        self._tick_broker(now)
+            self._drain_broker(self._dealer, now)
+        for sock in [s for s in events if s in self._lane_owner]:
+            self._on_lane_reply(sock, now)
+        self._send_lost_reports(now)
+        self._apply_session(self.session.tick(now))
         for job in list(self._jobs.values()):
-            self._tick_job(job, now)
+            self._run(job, job.transfer.tick(now))
+            if job.transfer.download is not None and now - job.last_published >= _PROGRESS_INTERVAL_S:
+                self._publish(job, now)
 
-    # ---- broker requests
+    # ---- the broker session
 
-    def _request(
-        self,
-        make: Callable[[int], Message],
-        on_reply: Callable[[Message], None],
-        on_timeout: Callable[[], None] | None = None,
-        timeout_s: float | None = None,
-    ) -> None:
-        rid = self._next_rid
-        self._next_rid = rid + 1 if rid < protocol.MAX_RID else 1
-        now = time.monotonic()
-        self._pending[rid] = _Pending(
-            now + (timeout_s or self.config.broker_timeout_s), on_reply, on_timeout or (lambda: None)
-        )
-        assert self._dealer is not None  # created in setup()
-        try:
-            self._dealer.send_multipart(protocol.encode(make(rid)), zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # queue full while the broker is away: the request times out like a lost one
-
-    def _drain_broker(self, dealer: zmq.Socket[Any]) -> None:
+    def _drain_broker(self, dealer: zmq.Socket[Any], now: float) -> None:
         while True:
             try:
                 frames = dealer.recv_multipart(zmq.NOBLOCK)
@@ -296,132 +291,360 @@ class Agent(ServiceThread):
             except MalformedMessage as exc:
                 self._bad_log.warning("malformed reply from the broker: %s", exc)
                 continue
-            self._last_broker_reply = time.monotonic()
-            if self._broker_down_logged:
-                log.info("broker answers again")
-                self._broker_down_logged = False
-            pending = self._pending.pop(getattr(reply, "rid", -1), None)
-            if pending is None:
-                continue  # a reply that came after its request timed out
-            if isinstance(reply, Error) and reply.code == WireCode.NOT_REGISTERED:
-                self._lost_registration("the broker does not know this peer")
-            pending.on_reply(reply)
+            self._apply_session(self.session.on_reply(reply, now))
 
-    def _tick_broker(self, now: float) -> None:
-        for rid in [rid for rid, p in self._pending.items() if p.deadline <= now]:
-            self._pending.pop(rid).on_timeout()
-        if not self.registered:
-            if not self._registering and now >= self._next_register:
-                self._send_register(now)
-            return
-        if now >= self._next_heartbeat and self._pub is not None:
-            self._pub.send_multipart(protocol.encode(Heartbeat(self.config.name)), zmq.NOBLOCK)
-            self._next_heartbeat = now + self.heartbeat_interval_s
-        if not self._ping_pending and now - self._last_broker_reply >= self._broker_silence_s():
-            self._ping_pending = True
-            self._request(Ping, self._on_pong, self._on_ping_timeout, timeout_s=self._broker_silence_s())
+    def _apply_session(self, commands: Iterable[SessionCommand]) -> None:
+        for command in commands:
+            if isinstance(command, SendTracker):
+                self._send_tracker(command.message)
+            elif isinstance(command, Delivered):
+                self._deliver(command.token, command.reply)
+            elif isinstance(command, PublishHeartbeat):
+                if self._pub is not None:
+                    self._pub.send_multipart(protocol.encode(Heartbeat(self.config.name)), zmq.NOBLOCK)
+            elif isinstance(command, SendRegister):
+                self._send_register(command.rid)
+            elif isinstance(command, ConnectHeartbeat):
+                self._connect_heartbeat(command.endpoint)
+            elif isinstance(command, RegistrationChanged):
+                self._on_registration(command)
+            elif isinstance(command, BrokerSilent):
+                self._bad_log.warning("broker %s is not answering (%s)", self.config.broker, command.what)
+            elif isinstance(command, Left):
+                self._left.set()
 
-    def _broker_silence_s(self) -> float:
-        return self.heartbeat_interval_s * self.heartbeat_liveness
+    def _send_tracker(self, message: Message) -> None:
+        assert self._dealer is not None  # created in setup()
+        self.m.tracker_requests.inc()
+        try:
+            self._dealer.send_multipart(protocol.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # queue full while the broker is away: the request times out like a lost one
 
-    def _on_pong(self, reply: Message) -> None:
-        self._ping_pending = False
-        if isinstance(reply, Pong) and (not reply.known or reply.session != self.session):
-            self._lost_registration("the broker restarted or forgot this peer")
-
-    def _on_ping_timeout(self) -> None:
-        self._ping_pending = False
-        if not self._broker_down_logged:
-            log.warning("broker %s is not answering", self.config.broker)
-            self._broker_down_logged = True
-
-    def _lost_registration(self, why: str) -> None:
-        if self.registered:
-            log.warning("%s: registering again", why)
-        self._registered.clear()
-        if not self._registering:
-            self._send_register(time.monotonic())
-
-    def _send_register(self, now: float) -> None:
-        self._registering = True
-        self._next_register = now + self.config.broker_timeout_s
+    def _send_register(self, rid: int) -> None:
         holdings = tuple(Holding(fid, tuple(runs)) for fid, runs in self.store.holdings())
-        endpoint = self.serve_endpoint()
-        self._request(
-            lambda rid: Register(rid, self.config.name, endpoint, holdings),
-            self._on_registered,
-            self._on_register_timeout,
-        )
+        self._send_tracker(Register(rid, self.config.name, self.serve_endpoint(), holdings))
 
-    def _on_registered(self, reply: Message) -> None:
-        self._registering = False
-        if not isinstance(reply, Registered):
-            log.error("registration refused: %s", getattr(reply, "message", reply))
-            self._next_register = time.monotonic() + self.config.broker_timeout_s
+    def _connect_heartbeat(self, endpoint: str) -> None:
+        if self._pub is None:
             return
-        self._registered.set()
-        self.session = reply.session
-        self.heartbeat_interval_s = reply.heartbeat_interval_s
-        self.heartbeat_liveness = reply.heartbeat_liveness
-        if reply.heartbeat_endpoint != self.heartbeat_endpoint and self._pub is not None:
-            if self.heartbeat_endpoint is not None:
-                self._pub.disconnect(self.heartbeat_endpoint)
-            self._pub.connect(reply.heartbeat_endpoint)
-            self.heartbeat_endpoint = reply.heartbeat_endpoint
-        self._next_heartbeat = 0.0
-        log.info("registered with the broker as %s", self.config.name)
+        for old in self.transport.connected(self._pub):
+            self._pub.disconnect(old)
+        self.transport.connect(self._pub, endpoint)
+
+    def _on_registration(self, change: RegistrationChanged) -> None:
+        now = time.monotonic()
+        if change.registered:
+            self._registered.set()
+            log.info("registered with the broker as %s", self.config.name)
+        else:
+            if self._registered.is_set():
+                log.warning("%s: registering again", change.why)
+            elif "refused" in change.why:
+                log.error("%s", change.why)
+            self._registered.clear()
         for job in list(self._jobs.values()):
-            if job.manifest is None and not job.replanning:
-                self._ask_plan(job)
+            self._run(job, job.transfer.set_registered(change.registered, now))
 
-    def _on_register_timeout(self) -> None:
-        self._registering = False
-        if not self._broker_down_logged:
-            log.warning("broker %s did not answer the registration; retrying", self.config.broker)
-            self._broker_down_logged = True
+    def _request(self, make: Callable[[int], Message], token: Any) -> None:
+        self._apply_session(self.session.request(make, token, time.monotonic()))
 
-    def _send_lost_reports(self) -> None:
+    def _deliver(self, token: Any, reply: Message | None) -> None:
+        now = time.monotonic()
+        if isinstance(token, _Plan):
+            job = token.job
+            if self._jobs.get(job.transfer.name) is not job:
+                return
+            if reply is None:
+                self._run(job, job.transfer.on_plan_timeout(now))
+            else:
+                cached = None
+                file_id = getattr(reply, "file_id", None)
+                if getattr(reply, "digests", b"") is None and file_id is not None:
+                    cached = self.store.load_manifest(file_id)
+                self._run(job, job.transfer.on_plan(reply, cached, now))
+        elif isinstance(token, _Announced):
+            if token.final and self._jobs.get(token.job.transfer.name) is token.job:
+                if not isinstance(reply, Ok):
+                    log.warning(
+                        "%s: the broker did not confirm the last segments; it learns them at registration",
+                        token.job.transfer.name,
+                    )
+                self._run(token.job, token.job.transfer.on_announced(isinstance(reply, Ok), now))
+        elif isinstance(token, _Call):
+            future = token.future
+            if future.done():
+                return
+            if reply is None:
+                future.set_exception(
+                    BrokerUnavailable(
+                        f"broker {self.config.broker} did not answer within {self.config.broker_timeout_s} s"
+                    )
+                )
+            elif isinstance(reply, Error):
+                future.set_exception(RemoteError.from_wire(reply.code, reply.message))
+            else:
+                future.set_result(reply)
+
+    def _send_lost_reports(self, now: float) -> None:
         while True:
             try:
                 file_id, runs = self.lost_reports.get_nowait()
             except queue.Empty:
                 return
-            if self.registered:
-                self._request(_lost_maker(file_id, tuple(runs)), lambda _: None)
+            if self.session.registered:
+                self._request(lambda rid, f=file_id, r=tuple(runs): Lost(rid, f, r), None)  # type: ignore[misc]
+
+    # ---- transfers: carrying out the core's commands
+
+    def _run(self, job: _Job, commands: Iterable[Command]) -> None:
+        todo: deque[Command] = deque(commands)
+        transfer = job.transfer
+        while todo:
+            command = todo.popleft()
+            now = time.monotonic()
+            if isinstance(command, SendRequest):
+                self._send_request(job, command)
+            elif isinstance(command, Write):
+                todo.extend(self._write(job, command))
+            elif isinstance(command, AbandonRequest):
+                sock = job.request_sockets.pop(command.request_id, None)
+                if sock is not None:
+                    self._close_socket(sock)
+            elif isinstance(command, Announce):
+                if self.session.registered:
+                    token = _Announced(job, command.final)
+                    self._request(lambda rid, c=command: Have(rid, c.file_id, c.runs), token)  # type: ignore[misc]
+                elif command.final:
+                    todo.extend(transfer.on_announced(False, now))  # registration carries it
+            elif isinstance(command, AskPlan):
+                self._request(lambda rid, c=command: Get(rid, c.name, c.known_file_id), _Plan(job))  # type: ignore[misc]
+            elif isinstance(command, ReportBad):
+                if self.session.registered:
+                    self._request(
+                        lambda rid, c=command: BadSource(rid, c.file_id, c.source, c.runs, str(c.reason)),  # type: ignore[misc]
+                        None,
+                    )
+            elif isinstance(command, Prepare):
+                todo.extend(self._prepare(job, command.manifest, now))
+            elif isinstance(command, Finish):
+                todo.extend(self._finish(job, command.manifest, now))
+            elif isinstance(command, Completed):
+                self._complete(job, command.result, now)
+            elif isinstance(command, Failed):
+                self._fail_job(job, command.error, now)
+            elif isinstance(command, RequestTimedOut):
+                self.m.request_timeouts.inc()
+                self._bad_log.warning(
+                    "%s: no reply from %s within %.1f s; asking elsewhere",
+                    transfer.name,
+                    command.source,
+                    command.waited_s,
+                )
+            elif isinstance(command, BadBytes):
+                self.m.segments_rejected.inc(command.segments)
+                self._bad_log.warning(
+                    "%s: %d segments from %s failed verification; discarded",
+                    transfer.name,
+                    command.segments,
+                    command.source,
+                )
+
+    def _send_request(self, job: _Job, command: SendRequest) -> None:
+        request, endpoint = command.request, command.endpoint
+        idle = self._idle_lanes.get(endpoint)
+        if idle:
+            sock = idle.pop()
+        else:
+            sock = self.transport.client(
+                zmq.REQ,
+                endpoint,
+                rcvhwm=4,
+                sndhwm=4,
+                maxmsgsize=self.config.batch_segments * SEGMENT_SIZE + _MAX_REPLY_HEADER,
+            )
+            self.poller.register(sock, zmq.POLLIN)
+        self._lane_owner[sock] = (job, request.id, endpoint)
+        job.request_sockets[request.id] = sock
+        self.m.requests_sent.inc(labels=(request.source,))
+        if request.duplicate:
+            self.m.endgame_requests.inc()
+        try:
+            sock.send_multipart(
+                protocol.encode(SegmentRequest(command.file_id, request.first, request.count)), zmq.NOBLOCK
+            )
+        except zmq.ZMQError:
+            pass  # not connected yet and nothing queued: the request times out and the lane is replaced
+
+    def _on_lane_reply(self, sock: zmq.Socket[Any], now: float) -> None:
+        job, request_id, endpoint = self._lane_owner[sock]
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        del self._lane_owner[sock]
+        job.request_sockets.pop(request_id, None)
+        idle = self._idle_lanes.setdefault(endpoint, [])
+        if len(idle) < _IDLE_LANES_PER_ENDPOINT:
+            idle.append(sock)
+        else:
+            self.poller.unregister(sock)
+            sock.close(linger=0)
+        if self._jobs.get(job.transfer.name) is not job:
+            return
+        request = job.transfer.requests.get(request_id)
+        if request is not None:
+            self.m.reply_seconds.observe(now - request.sent_at)
+        reply: Message | MalformedMessage
+        try:
+            reply = protocol.decode(frames, _MAX_REPLY_HEADER, allowed=(SegmentData, Error))
+        except MalformedMessage as exc:
+            self._bad_log.warning("%s: malformed reply from %s: %s", job.transfer.name, endpoint, exc)
+            reply = exc
+        self._run(job, job.transfer.on_reply(request_id, reply, now))
+
+    def _close_socket(self, sock: zmq.Socket[Any]) -> None:
+        self._lane_owner.pop(sock, None)
+        try:
+            self.poller.unregister(sock)
+        except KeyError:
+            pass
+        sock.close(linger=0)
+
+    def _write(self, job: _Job, command: Write) -> list[Command]:
+        transfer = job.transfer
+        manifest = transfer.manifest
+        assert manifest is not None
+        try:
+            self.store.write_run(job.fd, manifest.file_id, command.first, command.data)
+        except StorageError as exc:
+            # Segments written whole before the error are held: they are announced.
+            kept = self.store.held_copy(manifest.file_id).intersect_run(command.first, command.count)
+            return transfer.on_write_failed(exc, kept, command.source)
+        transfer.on_written(command.source, command.first, command.count)
+        self.m.segments_received.inc(command.count, labels=(command.source,))
+        self.m.bytes_received.inc(len(command.data))
+        return []
+
+    def _prepare(self, job: _Job, manifest: Manifest, now: float) -> list[Command]:
+        try:
+            same = self.store.entry(manifest.file_id)
+            if same is not None and same.complete and same.path.is_file():
+                # Same content already here (perhaps under another name): no transfer needed.
+                held = same.held.copy()
+            else:
+                held = self.store.begin(manifest)
+                job.fd = self.store.open_for_write(manifest.file_id)
+        except StorageError as exc:
+            return job.transfer.on_prepare_failed(exc, now)
+        if held and len(held) < manifest.segment_count:
+            log.info(
+                "%s: resuming with %d of %d segments already verified",
+                job.transfer.name,
+                len(held),
+                manifest.segment_count,
+            )
+        return job.transfer.on_prepared(held, now)
+
+    def _finish(self, job: _Job, manifest: Manifest, now: float) -> list[Command]:
+        self._close_fd(job)
+        try:
+            same = self.store.entry(manifest.file_id)
+            if same is not None and same.complete and same.manifest.name != manifest.name:
+                path = self.store.copy_complete(same, manifest)
+            else:
+                path = self.store.finish(manifest.file_id)
+        except StorageError as exc:
+            return job.transfer.on_finish_failed(exc, now)
+        return job.transfer.on_finished(path, now)
+
+    def _complete(self, job: _Job, result: GetResult, now: float) -> None:
+        self._drop(job)
+        self.m.downloads_done.inc()
+        log.info("%s: done in %.2f s from %s", job.transfer.name, result.seconds, result.sources)
+        job.progress.close(job.transfer.progress(now))
+        for future in job.futures:
+            if not future.done():
+                future.set_result(result)
+
+    def _fail_job(self, job: _Job, error: ZswarmError, now: float) -> None:
+        self._drop(job)
+        self.m.downloads_failed.inc()
+        job.progress.close(job.transfer.progress(now))
+        if isinstance(error, CancelledTransfer):
+            log.info("%s: cancelled; %s", job.transfer.name, "verified segments kept for a resume")
+        else:
+            log.warning("%s: download failed: %s", job.transfer.name, error)
+        for future in job.futures:
+            if future.done():
+                continue
+            if isinstance(error, CancelledTransfer):
+                future.cancel()
+            else:
+                future.set_exception(error)
+
+    def _drop(self, job: _Job) -> None:
+        if self._jobs.get(job.transfer.name) is job:
+            del self._jobs[job.transfer.name]
+        self.m.downloads_active.set(len(self._jobs))
+        for sock in job.request_sockets.values():
+            self._close_socket(sock)
+        job.request_sockets.clear()
+        self._close_fd(job)
+        if not self._jobs:
+            # Idle lanes hold a connection each: release them when nothing downloads.
+            for lanes in self._idle_lanes.values():
+                for sock in lanes:
+                    self._close_socket(sock)
+            self._idle_lanes.clear()
+
+    def _close_fd(self, job: _Job) -> None:
+        if job.fd >= 0:
+            os.close(job.fd)
+            job.fd = -1
+
+    def _publish(self, job: _Job, now: float) -> None:
+        job.last_published = now
+        job.progress.publish(job.transfer.progress(now))
 
     # ---- commands (run in this thread through call())
 
-    def start_get(
-        self, name: str, future: Future[GetResult], timeout_s: float, progress: ProgressFn | None
-    ) -> None:
+    def start_get(self, name: str, timeout_s: float, on_cancel: Callable[[], None]) -> GetFuture:
         existing = self._jobs.get(name)
         if existing is not None:
-            existing.future.add_done_callback(lambda f: _chain(f, future))
-            return
+            future = GetFuture(existing.progress, on_cancel)
+            existing.futures.append(future)
+            return future
         now = time.monotonic()
-        job = _Job(name, future, progress, now, now + timeout_s)
+        cached = self.store.manifest_named(name)
+        transfer = Transfer(
+            name=name,
+            settings=TransferSettings(**{**_settings_dict(self.settings), "timeout_s": timeout_s}),
+            started=now,
+            known_file_id=cached.file_id if cached is not None else None,
+            timings=self.timings,
+            registered=self.session.registered,
+        )
+        progress: Subscription[Progress] = Subscription()
+        future = GetFuture(progress, on_cancel)
+        self._serial += 1
+        job = _Job(self._serial, transfer, [future], progress)
         self._jobs[name] = job
-        if self.registered:
-            self._ask_plan(job)
+        self.m.downloads_active.set(len(self._jobs))
+        self._run(job, transfer.tick(now))
+        return future
+
+    def cancel_get(self, name: str) -> None:
+        job = self._jobs.get(name)
+        if job is None:
+            return
+        if all(f.cancelled() for f in job.futures):  # others still waiting keep it going
+            self._run(job, job.transfer.cancel(time.monotonic()))
 
     def request_reply(self, make: Callable[[int], Message]) -> Future[Message]:
         """Send one request to the broker; the future gets the reply or BrokerUnavailable."""
         future: Future[Message] = Future()
-
-        def on_reply(reply: Message) -> None:
-            if isinstance(reply, Error):
-                future.set_exception(RemoteError.from_wire(reply.code, reply.message))
-            else:
-                future.set_result(reply)
-
-        def on_timeout() -> None:
-            future.set_exception(
-                BrokerUnavailable(
-                    f"broker {self.config.broker} did not answer within {self.config.broker_timeout_s} s"
-                )
-            )
-
-        self._request(make, on_reply, on_timeout)
+        self._request(make, _Call(future))
         return future
 
     def list_files(self) -> Future[Message]:
@@ -430,533 +653,48 @@ class Agent(ServiceThread):
     def broker_stats(self) -> Future[Message]:
         return self.request_reply(StatsRequest)
 
-    def say_bye(self) -> Future[Message]:
+    def say_bye(self, timeout_s: float) -> threading.Event:
+        """Leave for good; the event is set once the broker answered (or the timeout passed)."""
         self._registered.clear()
-        return self.request_reply(Bye)
+        self._apply_session(self.session.leave(time.monotonic(), timeout_s))
+        return self._left
 
     def rescan(self) -> dict[bytes, int]:
         held = self.store.scan()
-        self._send_register(time.monotonic())
+        self._apply_session(self.session.register(time.monotonic()))
         return held
 
     def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        snapshot = self.metrics.snapshot()
         return {
             "name": self.config.name,
             "broker": self.config.broker,
-            "registered": self.registered,
+            "registered": self.session.registered,
+            "session": self.session.state.value,
             "serving": self.serve_endpoint(),
             "downloads": {
                 name: {
-                    "done": job.download.done if job.download else 0,
-                    "segments": job.download.segment_count if job.download else None,
-                    "seconds": round(time.monotonic() - job.started, 3),
+                    "state": job.transfer.state.value,
+                    "done": job.transfer.download.done if job.transfer.download else 0,
+                    "segments": job.transfer.download.segment_count if job.transfer.download else None,
+                    "seconds": round(now - job.transfer.started, 3),
+                    "in_flight": len(job.transfer.requests),
                 }
                 for name, job in self._jobs.items()
             },
-            "counts": dict(self.counts),
+            "counts": {
+                "lane_timeouts": int(snapshot.total("segment_request_timeouts_total")),
+                "endgame_requests": int(snapshot.total("endgame_requests_total")),
+                "segments_rejected": int(snapshot.total("segments_rejected_total")),
+            },
+            "metrics": snapshot.flat(),
             "loop_errors": self.loop_errors,
         }
 
-    # ---- downloads
 
-    def _ask_plan(self, job: _Job) -> None:
-        job.replanning = True
-        known = job.manifest.file_id if job.manifest is not None else None
-        if known is None:
-            cached = self.store.manifest_named(job.name)
-            known = cached.file_id if cached is not None else None
-        self._request(
-            lambda rid: Get(rid, job.name, known),
-            lambda reply: self._on_plan(job, reply),
-            lambda: self._on_plan_timeout(job),
-        )
-
-    def _on_plan_timeout(self, job: _Job) -> None:
-        job.replanning = False
-        if job.download is None:
-            self._fail(
-                job,
-                BrokerUnavailable(
-                    f"broker {self.config.broker} did not answer within {self.config.broker_timeout_s} s"
-                ),
-            )
-        else:
-            job.next_replan = time.monotonic() + self.config.replan_interval_s
-
-    def _on_plan(self, job: _Job, reply: Message) -> None:
-        job.replanning = False
-        if self._jobs.get(job.name) is not job:
-            return
-        if isinstance(reply, Error):
-            if reply.code == WireCode.NOT_REGISTERED:
-                return  # re-registration is under way; the plan is asked again once registered
-            self._fail(job, RemoteError.from_wire(reply.code, reply.message))
-            return
-        if not isinstance(reply, FileInfo):
-            self._fail(job, MalformedMessage(f"unexpected reply {reply.OP} to get"))
-            return
-        try:
-            manifest = self._manifest_from(job, reply)
-        except ZswarmError as exc:
-            self._fail(job, exc)
-            return
-        now = time.monotonic()
-        if job.manifest is not None and manifest.file_id != job.manifest.file_id:
-            self._fail(job, TransferError(f"{job.name} changed on the broker during the download; retry"))
-            return
-        if job.download is None and not self._begin(job, manifest, reply):
-            return
-        assert job.download is not None
-        sources = [
-            (s.name, s.endpoint, None if s.runs is None else SegmentSet(s.runs)) for s in reply.sources
-        ]
-        queued_before = job.download.queued()
-        job.download.replan(sources, list(reply.plan))
-        # A plan that brought work may be followed by the next one at once; one that brought
-        # nothing (everything deferred) waits _MIN_REPLAN_GAP_S before asking again.
-        job.plan_was_empty = job.download.queued() <= queued_before
-        job.origin_lanes = reply.origin_lanes
-        job.next_replan = now + self.config.replan_interval_s
-        self._check_stuck(job)
-
-    def _manifest_from(self, job: _Job, reply: FileInfo) -> Manifest:
-        if reply.digests is None:
-            cached = job.manifest or self.store.load_manifest(reply.file_id)
-            if cached is None or cached.file_id != reply.file_id:
-                raise TransferError("the broker omitted the manifest of a file this peer does not have")
-            return cached
-        manifest = Manifest(
-            name=reply.name, size=reply.size, digests=reply.digests, segment_size=reply.segment_size
-        )
-        problem = manifest.consistency_error()
-        if problem or manifest.file_id != reply.file_id:
-            raise IntegrityError(
-                f"the broker sent an inconsistent manifest for {job.name}: {problem or 'file_id mismatch'}"
-            )
-        return manifest
-
-    def _begin(self, job: _Job, manifest: Manifest, reply: FileInfo) -> bool:
-        job.manifest = manifest
-        try:
-            same = self.store.entry(manifest.file_id)
-            if same is not None and same.complete and same.path.is_file():
-                # Same content already here (perhaps under another name): no transfer needed.
-                path = self.store.final_path(manifest)
-                if same.manifest.name != manifest.name:
-                    path = self.store.copy_complete(same, manifest)
-                self._resolve(job, path, ["local"] * manifest.segment_count)
-                return False
-            held = self.store.begin(manifest)
-            job.fd = self.store.open_for_write(manifest.file_id)
-        except StorageError as exc:
-            self._fail(job, exc)
-            return False
-        job.download = Download(manifest.segment_count, held, self.config.batch_segments)
-        job.last_flush = time.monotonic()
-        if held:
-            log.info(
-                "%s: resuming with %d of %d segments already verified",
-                job.name,
-                len(held),
-                manifest.segment_count,
-            )
-        return True
-
-    def _check_stuck(self, job: _Job) -> None:
-        download = job.download
-        if download is None or not download.stuck:
-            return
-        if job.stuck_replans < 2 and not job.replanning:
-            # Sources ran out: a fresh plan may know new holders (or a restarted broker).
-            job.stuck_replans += 1
-            download.stuck.clear()
-            self._ask_plan(job)
-            return
-        if not job.replanning:
-            self._fail(
-                job,
-                NoSourceLeft(
-                    f"{job.name}: {len(download.stuck)} segments have no live source left; retry later"
-                ),
-            )
-
-    def _tick_job(self, job: _Job, now: float) -> None:
-        if now >= job.deadline and not job.future.done():
-            self._fail(job, TransferError(f"{job.name}: not finished within the timeout"))
-            return
-        download = job.download
-        if download is None and not self.registered and now - job.started >= self.config.broker_timeout_s:
-            self._fail(
-                job,
-                BrokerUnavailable(
-                    f"not registered with the broker {self.config.broker} after "
-                    f"{self.config.broker_timeout_s} s: is it running?"
-                ),
-            )
-            return
-        if download is None or job.finishing:
-            return
-        for lane in [ln for lanes in job.lanes.values() for ln in lanes]:
-            if lane.request is not None and now >= lane.deadline:
-                self._on_lane_timeout(lane)
-        if job.unflushed and now - job.last_flush >= self.config.have_flush_interval_s:
-            self._flush_have(job, now)
-        if download.complete:
-            self._finish(job)
-            return
-        self._check_stuck(job)
-        if self._jobs.get(job.name) is not job:
-            return
-        if not job.replanning and self._wants_plan(job, download, now):
-            # Haves first: the broker plans from what it knows this peer holds.
-            self._flush_have(job, now)
-            self._ask_plan(job)
-            job.last_plan_request = now
-            job.next_replan = now + self.config.replan_interval_s
-        self._pump(job, now)
-
-    def _wants_plan(self, job: _Job, download: Download, now: float) -> bool:
-        if job.plan_was_empty and now - job.last_plan_request < _MIN_REPLAN_GAP_S:
-            return False
-        if now >= job.next_replan and self._leans_on_broker(download):
-            return True  # peers may have gained what the broker is serving us
-        idle = not download.sources_with_work() and download.pending == 0
-        low_water = self.config.batch_segments * self.config.lanes_per_source
-        return idle or download.wants_plan(low_water)
-
-    @staticmethod
-    def _leans_on_broker(download: Download) -> bool:
-        broker = download.sources.get(BROKER)
-        return broker is not None and bool(broker.queue)
-
-    def _pump(self, job: _Job, now: float) -> None:
-        download = job.download
-        assert download is not None
-        for source_name in download.sources_with_work():
-            source = download.sources[source_name]
-            limit = job.origin_lanes if source_name == BROKER else self.config.lanes_per_source
-            lanes = job.lanes.setdefault(source_name, [])
-            for lane in lanes:
-                if lane.request is None and lane.endpoint != source.endpoint:
-                    self._close_lane(lane)
-                    lane.endpoint = source.endpoint
-            while len(lanes) < limit:
-                lanes.append(_Lane(job, source_name, source.endpoint))
-            for lane in lanes[:limit]:
-                if lane.request is not None:
-                    continue
-                run = download.take(source_name)
-                if run is None:
-                    break
-                self._send_on_lane(job, lane, run, now)
-        if download.in_endgame():
-            # Stragglers: runs in flight for twice their source's usual reply time (at least a
-            # quarter of the request timeout).
-            stragglers: list[tuple[str, Run]] = [
-                (lane.source, lane.request)
-                for lanes in job.lanes.values()
-                for lane in lanes
-                if lane.request is not None and now - lane.sent_at >= self._patience(lane.endpoint)
-            ]
-            for source_name, source in download.sources.items() if stragglers else ():
-                run = download.take_endgame(source_name, stragglers)
-                if run is None:
-                    continue
-                lanes = job.lanes.setdefault(source_name, [])
-                idle = next(
-                    (ln for ln in lanes if ln.request is None and ln.endpoint == source.endpoint), None
-                )
-                if idle is None:
-                    idle = _Lane(job, source_name, source.endpoint)
-                    lanes.append(idle)
-                self._count("endgame_requests")
-                self._send_on_lane(job, idle, run, now)
-
-    def _send_on_lane(self, job: _Job, lane: _Lane, run: Run, now: float) -> None:
-        assert job.manifest is not None
-        if lane.sock is None:
-            lane.sock = make_socket(
-                self.context,
-                zmq.REQ,
-                rcvhwm=4,
-                sndhwm=4,
-                maxmsgsize=self.config.batch_segments * SEGMENT_SIZE + _MAX_REPLY_HEADER,
-            )
-            lane.sock.connect(lane.endpoint)
-            self.poller.register(lane.sock, zmq.POLLIN)
-            self._lanes_by_sock[lane.sock] = lane
-        lane.request = run
-        lane.sent_at = now
-        # The origin is the last resort and often the busiest source: giving up on a slow reply
-        # only makes it send the same run twice, so it gets four times the floor.
-        floor = self.config.request_timeout_s * (_ORIGIN_PATIENCE if lane.source == BROKER else 1)
-        times = self._reply_times.get(lane.endpoint)
-        lane.deadline = now + (times.timeout(floor) if times else floor)
-        try:
-            lane.sock.send_multipart(
-                protocol.encode(SegmentRequest(job.manifest.file_id, run[0], run[1])), zmq.NOBLOCK
-            )
-        except zmq.ZMQError:
-            pass  # not connected yet and nothing queued: the lane times out and is replaced
-
-    def _patience(self, endpoint: str) -> float:
-        times = self._reply_times.get(endpoint)
-        return times.patience(self.config.request_timeout_s) if times else self.config.request_timeout_s / 4
-
-    def _close_lane(self, lane: _Lane) -> None:
-        if lane.sock is not None:
-            self.poller.unregister(lane.sock)
-            self._lanes_by_sock.pop(lane.sock, None)
-            lane.sock.close(linger=0)
-            lane.sock = None
-
-    def _on_lane_timeout(self, lane: _Lane) -> None:
-        job, run = lane.job, lane.request
-        assert run is not None and job.download is not None
-        lane.request = None
-        self._close_lane(lane)  # Lazy Pirate: a REQ that lost its reply cannot be reused
-        job.download.on_reply(lane.source, run[0], run[1])
-        job.download.on_failed(lane.source, run[0], run[1], timed_out=True)
-        self._count("lane_timeouts")
-        self._bad_log.warning(
-            "%s: no reply from %s within %.1f s; asking elsewhere",
-            job.name,
-            lane.source,
-            lane.deadline - lane.sent_at,
-        )
-
-    def _on_lane_reply(self, lane: _Lane) -> None:
-        job, run, sock = lane.job, lane.request, lane.sock
-        assert sock is not None
-        try:
-            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return
-        if run is None or job.download is None or job.manifest is None or job.finishing:
-            return
-        lane.request = None
-        self._reply_times.setdefault(lane.endpoint, _ReplyTimes()).sample(time.monotonic() - lane.sent_at)
-        download = job.download
-        download.on_reply(lane.source, run[0], run[1])
-        try:
-            reply = protocol.decode(frames, _MAX_REPLY_HEADER, allowed=(SegmentData, Error))
-        except MalformedMessage as exc:
-            self._bad_log.warning("%s: malformed reply from %s: %s", job.name, lane.source, exc)
-            download.on_failed(lane.source, run[0], run[1], timed_out=False)
-            self._report_bad(job, lane.source, [run], "malformed reply")
-            return
-        if isinstance(reply, Error):
-            if reply.code == WireCode.NOT_HELD:
-                download.on_refused(lane.source, [run])
-                self._report_bad(job, lane.source, [run], "refused")
-            else:
-                download.on_failed(lane.source, run[0], run[1], timed_out=False)
-            return
-        self._accept_data(job, lane.source, run, cast(SegmentData, reply))
-
-    def _accept_data(self, job: _Job, source: str, run: Run, reply: SegmentData) -> None:
-        download, manifest = job.download, job.manifest
-        assert download is not None and manifest is not None
-        first, count = run
-        if (reply.file_id, reply.first, reply.count) != (manifest.file_id, first, count):
-            download.on_failed(source, first, count, timed_out=False)
-            self._report_bad(job, source, [run], "reply does not match the request")
-            return
-        missing = SegmentSet(reply.missing)
-        if missing and not SegmentSet([run]).covers(*_span(missing)):
-            download.on_failed(source, first, count, timed_out=False)
-            self._report_bad(job, source, [run], "missing segments outside the request")
-            return
-        present = SegmentSet([run])
-        present.difference_update(missing)
-        payload = memoryview(reply.payload)
-        expected = sum(manifest.run_length(f, c) for f, c in present.runs())
-        if len(payload) != expected:
-            download.on_failed(source, first, count, timed_out=False)
-            self._report_bad(job, source, [run], "payload length does not match")
-            return
-        if missing:
-            download.on_refused(source, missing.runs())
-            self._report_bad(job, source, missing.runs(), "refused")
-        offset = 0
-        bad: list[Run] = []
-        for run_first, run_count in present.runs():
-            length = manifest.run_length(run_first, run_count)
-            piece = payload[offset : offset + length]
-            offset += length
-            flags = manifest.verify_run(run_first, piece)
-            k = 0
-            while k < run_count:
-                j = k
-                while j < run_count and flags[j] == flags[k]:
-                    j += 1
-                sub_first, sub_count = run_first + k, j - k
-                if flags[k]:
-                    for new_first, new_count in download.not_done_runs(sub_first, sub_count):
-                        start = (new_first - run_first) * manifest.segment_size
-                        data = piece[start : start + manifest.run_length(new_first, new_count)]
-                        if not self._write(job, source, new_first, new_count, data):
-                            return
-                else:
-                    download.on_failed(source, sub_first, sub_count, timed_out=False)
-                    bad.append((sub_first, sub_count))
-                k = j
-        if bad:
-            self._count("segments_rejected", sum(c for _, c in bad))
-            self._bad_log.warning(
-                "%s: %d segments from %s failed verification; discarded",
-                job.name,
-                sum(c for _, c in bad),
-                source,
-            )
-            self._report_bad(job, source, bad, "checksum mismatch")
-        self._progress(job, time.monotonic())
-
-    def _write(self, job: _Job, source: str, first: int, count: int, data: memoryview) -> bool:
-        """Write verified segments and count them; False when the download failed."""
-        download, manifest = job.download, job.manifest
-        assert download is not None and manifest is not None
-        try:
-            self.store.write_run(job.fd, manifest.file_id, first, data)
-        except StorageError as exc:
-            # Segments written whole before the error are held: announce them.
-            for got_first, got_count in self.store.held_copy(manifest.file_id).intersect_run(first, count):
-                download.on_done(source, got_first, got_count)
-                job.unflushed.add(got_first, got_count)
-            self._fail(job, exc)
-            return False
-        download.on_done(source, first, count)
-        job.unflushed.add(first, count)
-        job.stuck_replans = 0  # progress: running out of sources later deserves fresh replans
-        return True
-
-    def _report_bad(self, job: _Job, source: str, runs: list[Run], reason: str) -> None:
-        if source == BROKER or not runs or job.manifest is None or not self.registered:
-            return
-        file_id = job.manifest.file_id
-        self._request(lambda rid: BadSource(rid, file_id, source, tuple(runs), reason), lambda _: None)
-
-    def _flush_have(
-        self, job: _Job, now: float, on_ack: Callable[[Message | None], None] | None = None
-    ) -> None:
-        assert job.manifest is not None
-        runs = tuple(job.unflushed.runs())
-        job.unflushed = SegmentSet()
-        job.last_flush = now
-        if not runs and on_ack is None:
-            return
-        file_id = job.manifest.file_id
-        if not self.registered:
-            if on_ack is not None:
-                on_ack(None)  # the coming registration carries every held segment
-            return
-        self._request(
-            lambda rid: Have(rid, file_id, runs),
-            on_ack or (lambda _: None),
-            (lambda: on_ack(None)) if on_ack is not None else None,
-        )
-
-    def _progress(self, job: _Job, now: float, force: bool = False) -> None:
-        if job.progress is None or job.download is None:
-            return
-        if force or now - job.last_progress >= _PROGRESS_INTERVAL_S:
-            job.last_progress = now
-            try:
-                job.progress(job.download.done, job.download.segment_count)
-            except Exception:
-                log.exception("progress callback failed")
-
-    def _finish(self, job: _Job) -> None:
-        job.finishing = True
-        self._close_job_lanes(job)
-        self._flush_have(job, time.monotonic(), on_ack=lambda reply: self._finalize(job, reply))
-
-    def _finalize(self, job: _Job, ack: Message | None) -> None:
-        if self._jobs.get(job.name) is not job:
-            return
-        if not isinstance(ack, Ok):
-            log.warning(
-                "%s: the broker did not confirm the last segments; it learns them at registration", job.name
-            )
-        assert job.manifest is not None and job.download is not None
-        try:
-            os.close(job.fd)
-            job.fd = -1
-            path = self.store.finish(job.manifest.file_id)
-        except StorageError as exc:
-            self._fail(job, exc)
-            return
-        self._progress(job, time.monotonic(), force=True)
-        self._resolve(job, path, [s or "local" for s in job.download.segment_sources])
-
-    def _resolve(self, job: _Job, path: Path, segment_sources: list[str]) -> None:
-        assert job.manifest is not None
-        self._drop_job(job)
-        counts = dict(Counter(segment_sources))
-        result = GetResult(
-            name=job.manifest.name,
-            path=path,
-            size=job.manifest.size,
-            file_id=job.manifest.file_id.hex(),
-            seconds=time.monotonic() - job.started,
-            segment_sources=segment_sources,
-            sources=counts,
-        )
-        log.info("%s: done in %.2f s from %s", job.name, result.seconds, counts)
-        if not job.future.done():
-            job.future.set_result(result)
-
-    def _fail(self, job: _Job, exc: BaseException) -> None:
-        self._drop_job(job)
-        log.warning("%s: download failed: %s", job.name, exc)
-        if job.unflushed and job.manifest is not None and self.registered:
-            self._flush_have(job, time.monotonic())
-        if not job.future.done():
-            job.future.set_exception(exc)
-
-    def _drop_job(self, job: _Job) -> None:
-        if self._jobs.get(job.name) is job:
-            del self._jobs[job.name]
-        self._close_job_lanes(job)
-        if job.fd >= 0:
-            os.close(job.fd)
-            job.fd = -1
-
-    def _close_job_lanes(self, job: _Job) -> None:
-        for lanes in job.lanes.values():
-            for lane in lanes:
-                self._close_lane(lane)
-        job.lanes.clear()
-
-    def _count(self, key: str, n: int = 1) -> None:
-        self.counts[key] = self.counts.get(key, 0) + n
+def _settings_dict(settings: TransferSettings) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in settings.__slots__}
 
 
-def download_waits(job: _Job) -> bool:
-    """Nothing to fetch until the broker plans again (deferred segments only)."""
-    d = job.download
-    return d is not None and not d.complete and d.pending == 0 and not d.sources_with_work()
-
-
-def _lost_maker(file_id: bytes, runs: tuple[Run, ...]) -> Callable[[int], Message]:
-    return lambda rid: Lost(rid, file_id, runs)
-
-
-def _span(runs: SegmentSet) -> Run:
-    """The smallest single run containing every run of the set."""
-    all_runs = runs.runs()
-    first = all_runs[0][0]
-    return first, all_runs[-1][0] + all_runs[-1][1] - first
-
-
-def _chain(source: Future[GetResult], target: Future[GetResult]) -> None:
-    if target.done():
-        return
-    exc = source.exception()
-    if exc is not None:
-        target.set_exception(exc)
-    else:
-        target.set_result(source.result())
-
-
-__all__ = ["Agent", "Files", "GetResult", "Stats"]
+__all__ = ["Agent", "GetFuture", "GetResult"]

@@ -22,9 +22,9 @@ from typing import Any
 
 from common.cli import EXIT_FAILURE, run_guarded, setup_logging, stop_event_on_signals
 from common.errors import ZswarmError
-from peer.agent import GetResult
 from peer.config import PeerConfig
 from peer.service import Peer
+from peer.transfer import GetResult
 
 HELP = """commands:
   get NAME     download NAME from the swarm
@@ -36,10 +36,15 @@ HELP = """commands:
   quit         leave (also Ctrl-D)"""
 
 
-def result_dict(result: GetResult) -> dict[str, Any]:
+def result_dict(result: GetResult, per_segment: bool = False) -> dict[str, Any]:
+    """A get's result as JSON: counts and runs by source; the per-segment list only on request
+    (it is one entry per 16 KiB: 19,200 for a 300 MiB file)."""
     data = asdict(result)
     data["path"] = str(result.path)
     data["seconds"] = round(result.seconds, 4)
+    data["source_runs"] = {name: [list(run) for run in runs] for name, runs in result.source_runs.items()}
+    if per_segment:
+        data["segment_sources"] = result.segment_sources
     return data
 
 

@@ -21,6 +21,12 @@ moves on. When a segment has no source left, `stuck` is set and the shell fails 
 segments since), keeping PENDING and DONE segments as they are. Segments a plan leaves out are
 *deferred* (another downloader is fetching them from the origin; see broker/planner.py): they
 stay MISSING and unqueued, and `wants_plan()` tells the shell to ask again before work runs out.
+
+Every request in flight is one `Request` object in its source's `requests` list: the only record
+of it (the transfer core indexes the same objects by id and stamps their times). Per-segment
+state lives in bytearrays updated by slice, and who delivered what as one `SegmentSet` per
+source, so that a 1 GiB download costs a few hundred KiB and its hot paths run at C speed (the
+in-memory swarm runs a thousand of these at once).
 """
 
 from __future__ import annotations
@@ -33,8 +39,14 @@ from dataclasses import dataclass, field
 from common.ranges import Run, SegmentSet
 
 BROKER = "broker"
+LOCAL = "local"  # segments held before the download started
 _MISSING_RUN = re.compile(b"\\x00+")  # SegmentState.MISSING
 _NOT_DONE_RUN = re.compile(b"[\\x00\\x01]+")  # MISSING or PENDING
+_PENDING_BYTE = b"\x01"
+_DONE_BYTE = b"\x02"
+# Byte maps that add or take one from every count of a slice at C speed (saturating).
+_PLUS_ONE = bytes(range(1, 256)) + b"\xff"
+_MINUS_ONE = b"\x00" + bytes(range(255))
 
 
 class SegmentState(enum.IntEnum):
@@ -47,15 +59,34 @@ def _runs(pattern: re.Pattern[bytes], state: bytearray, first: int, end: int) ->
     return [(m.start(), m.end() - m.start()) for m in pattern.finditer(state, first, end)]
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
+class Request:
+    """One request in flight: a run asked of a source. Identity matters, not equality."""
+
+    source: str
+    first: int
+    count: int
+    id: int = 0
+    sent_at: float = 0.0
+    deadline: float = 0.0
+    nbytes: int = 0
+    duplicate: bool = False  # an endgame copy of a run already asked elsewhere
+
+    @property
+    def run(self) -> Run:
+        return self.first, self.count
+
+
+@dataclass(eq=False)
 class SourceState:
     name: str
     endpoint: str
     holds: SegmentSet | None  # None: every segment
     queue: deque[Run] = field(default_factory=deque)
+    queued_count: int = 0  # segments in `queue` (some may have been fetched since they were queued)
     timeouts_in_a_row: int = 0
     dead: bool = False
-    requests: list[Run] = field(default_factory=list)  # runs asked of this source, unanswered
+    requests: list[Request] = field(default_factory=list)  # in flight, oldest first
 
     @property
     def in_flight(self) -> int:
@@ -64,8 +95,33 @@ class SourceState:
     def has(self, index: int) -> bool:
         return self.holds is None or index in self.holds
 
+    def holds_run(self, first: int, count: int) -> bool:
+        return self.holds is None or self.holds.covers(first, count)
+
     def queued_segments(self) -> int:
-        return sum(c for _, c in self.queue)
+        return self.queued_count
+
+    def push(self, run: Run) -> None:
+        self.queue.append(run)
+        self.queued_count += run[1]
+
+    def push_front(self, run: Run) -> None:
+        self.queue.appendleft(run)
+        self.queued_count += run[1]
+
+    def pop(self) -> Run:
+        run = self.queue.popleft()
+        self.queued_count -= run[1]
+        return run
+
+    def pop_back(self) -> Run:
+        run = self.queue.pop()
+        self.queued_count -= run[1]
+        return run
+
+    def clear(self) -> list[Run]:
+        runs, self.queue, self.queued_count = list(self.queue), deque(), 0
+        return runs
 
 
 class Download:
@@ -80,18 +136,19 @@ class Download:
         self.batch = batch
         self.dead_after = dead_after
         self.state = bytearray(segment_count)
-        self.segment_sources: list[str | None] = [None] * segment_count
+        self.received: dict[str, SegmentSet] = {}  # source -> segments it delivered
         self.sources: dict[str, SourceState] = {}
         self.excluded: dict[int, set[str]] = {}  # segment -> sources that failed or refused it
         self.done = 0
         self.pending = 0
         self.outstanding = bytearray(segment_count)  # requests in flight covering each segment
         self.stuck: list[int] = []
+        self.last_request: Request | None = None  # the one `take` made last
         for first, count in held.runs():
-            for i in range(first, first + count):
-                self.state[i] = SegmentState.DONE
-                self.segment_sources[i] = "local"
+            self.state[first : first + count] = _DONE_BYTE * count
             self.done += count
+        if held:
+            self.received[LOCAL] = held.copy()
 
     # ---- plans
 
@@ -110,7 +167,7 @@ class Download:
             fresh[name] = state
         for name, old in known.items():  # sources with requests in flight stay until they answer
             if name not in fresh and old.in_flight:
-                old.queue.clear()
+                old.clear()
                 fresh[name] = old
         self.sources = fresh
         self.stuck.clear()
@@ -119,7 +176,41 @@ class Download:
                 continue
             target = self.sources[sources[index][0]]
             for run in self._missing_runs(first, count):
-                target.queue.append(run)
+                target.push(run)
+
+    def add_source(self, name: str, endpoint: str, holds: SegmentSet | None, runs: list[Run]) -> None:
+        """Merge a pushed update: a source (new, or known with more segments) and runs to ask of it.
+
+        Unlike `replan`, the other queues stay as they are: an update adds, it never takes away.
+        """
+        source = self.sources.get(name)
+        if source is None or source.endpoint != endpoint:
+            fresh = SourceState(name, endpoint, holds)
+            if source is not None:
+                fresh.requests = source.requests
+            self.sources[name] = source = fresh
+        elif holds is None:
+            source.holds = None
+        elif source.holds is not None:
+            source.holds.update(holds)
+        source.dead = False
+        for first, count in runs:
+            for run in self._missing_runs(first, min(count, self.segment_count - first)):
+                if self._queued_elsewhere(run):
+                    continue
+                source.push(run)
+
+    def _queued_elsewhere(self, run: Run) -> bool:
+        """True when a live queue already holds the first segment of `run` (a deferred segment is
+        queued nowhere; an update must not queue a segment twice)."""
+        first = run[0]
+        for source in self.sources.values():
+            if source.dead:
+                continue
+            for q_first, q_count in source.queue:
+                if q_first <= first < q_first + q_count:
+                    return True
+        return False
 
     def _missing_runs(self, first: int, count: int) -> list[Run]:
         # A regex over the state bytes finds the runs at C speed: this runs for every plan entry
@@ -128,34 +219,36 @@ class Download:
 
     # ---- taking work
 
-    def take(self, source_name: str) -> Run | None:
-        """The next run to ask of this source (marked PENDING), or None."""
+    def take(self, source_name: str, limit: int | None = None) -> Run | None:
+        """The next run to ask of this source (marked PENDING), or None. `limit` caps its length
+        below `batch` (a slow source gets shorter requests)."""
         source = self.sources.get(source_name)
         if source is None or source.dead:
             return None
-        queue = source.queue
-        while queue:
-            first, count = queue.popleft()
+        batch = self.batch if limit is None else max(1, min(limit, self.batch))
+        while source.queue:
+            first, count = source.pop()
             runs = self._missing_runs(first, count)
             if not runs:
                 continue
             head_first, head_count = runs[0]
-            take = min(head_count, self.batch)
+            take = min(head_count, batch)
             rest = [(head_first + take, head_count - take)] if head_count > take else []
             for run in reversed(rest + runs[1:]):
-                queue.appendleft(run)
-            self.state[head_first : head_first + take] = bytes([SegmentState.PENDING]) * take
+                source.push_front(run)
+            self.state[head_first : head_first + take] = _PENDING_BYTE * take
             self.pending += take
-            self._ask(source, (head_first, take))
+            self._ask(source, head_first, take)
             return head_first, take
         return None
 
-    def _ask(self, source: SourceState, run: Run) -> None:
-        first, count = run
-        source.requests.append(run)
+    def _ask(self, source: SourceState, first: int, count: int, duplicate: bool = False) -> Request:
+        request = Request(source.name, first, count, duplicate=duplicate)
+        source.requests.append(request)
         out = self.outstanding
-        for i in range(first, first + count):
-            out[i] += 1
+        out[first : first + count] = out[first : first + count].translate(_PLUS_ONE)
+        self.last_request = request
+        return request
 
     def take_endgame(self, source_name: str, stragglers: list[tuple[str, Run]]) -> Run | None:
         """Endgame: nothing is left to ask for the first time, so ask this idle source for one of
@@ -167,16 +260,61 @@ class Download:
         for other_name, (first, count) in stragglers:
             if other_name != source_name:
                 end = first + count
-                if any(self.outstanding[i] != 1 for i in range(first, end)):
+                if self.outstanding.count(1, first, end) != count:
                     continue
-                if source.holds is not None and not source.holds.covers(first, count):
+                if not source.holds_run(first, count):
                     continue
-                if any(source_name in self.excluded.get(i, ()) for i in range(first, end)):
+                if self.excluded and any(source_name in self.excluded.get(i, ()) for i in range(first, end)):
                     continue
-                if all(self.state[i] == SegmentState.PENDING for i in range(first, end)):
-                    self._ask(source, (first, count))
+                if self.state.count(_PENDING_BYTE, first, end) == count:
+                    self._ask(source, first, count, duplicate=True)
                     return first, count
         return None
+
+    def steal(self, source_name: str, victims: list[str], limit: int) -> int:
+        """Work stealing: move up to `limit` queued segments that `source_name` holds from the
+        back of the victims' queues (in the order given: the slowest first) to this source.
+        Returns the segments moved. The back of a queue is what its source would reach last."""
+        thief = self.sources.get(source_name)
+        if thief is None or thief.dead or limit <= 0:
+            return 0
+        moved = 0
+        for victim_name in victims:
+            victim = self.sources.get(victim_name)
+            if victim is None or victim is thief or victim.dead:
+                continue
+            kept: list[Run] = []
+            while victim.queue and moved < limit:
+                first, count = victim.pop_back()
+                for run_first, run_count in reversed(self._missing_runs(first, count)):
+                    if moved >= limit:
+                        kept.append((run_first, run_count))
+                        continue
+                    # Take from the end of the run what the thief holds; the rest stays.
+                    cursor = run_first + run_count
+                    for part_first, part_count in reversed(self._held_parts(thief, run_first, run_count)):
+                        part_end = part_first + part_count
+                        if part_end < cursor:
+                            kept.append((part_end, cursor - part_end))
+                        take = min(part_count, limit - moved)
+                        cursor = part_end - take
+                        thief.push((cursor, take))
+                        moved += take
+                        if moved >= limit:
+                            break
+                    if cursor > run_first:
+                        kept.append((run_first, cursor - run_first))
+            for run in sorted(kept):  # what was not taken goes back, in index order
+                victim.push(run)
+            if moved >= limit:
+                break
+        return moved
+
+    @staticmethod
+    def _held_parts(source: SourceState, first: int, count: int) -> list[Run]:
+        if source.holds is None:
+            return [(first, count)]
+        return source.holds.intersect_run(first, count)
 
     def in_endgame(self) -> bool:
         return self.pending > 0 and self.queued() == 0 and self.deferred() == 0
@@ -190,16 +328,39 @@ class Download:
 
     # ---- outcomes
 
+    def end_request(self, request: Request) -> None:
+        """A request ended, whatever its outcome: drop it from its source's list (by identity)."""
+        source = self.sources.get(request.source)
+        if source is None:
+            return
+        for k, req in enumerate(source.requests):
+            if req is request:
+                del source.requests[k]
+                self._release(req.first, req.count)
+                return
+
+    def _release(self, first: int, count: int) -> None:
+        out = self.outstanding
+        out[first : first + count] = out[first : first + count].translate(_MINUS_ONE)
+
     def on_done(self, source_name: str, first: int, count: int) -> None:
         """Segments of a run verified and written (may be a part of the run asked for)."""
         self.on_reply(source_name, first, count)
-        for i in range(first, first + count):
-            if self.state[i] != SegmentState.DONE:
-                if self.state[i] == SegmentState.PENDING:
-                    self.pending -= 1
-                self.state[i] = SegmentState.DONE
-                self.segment_sources[i] = source_name
-                self.done += 1
+        end = first + count
+        state = self.state
+        already = state.count(_DONE_BYTE, first, end)
+        if already != count:
+            self.pending -= state.count(_PENDING_BYTE, first, end)
+            received = self.received.get(source_name)
+            if received is None:
+                received = self.received[source_name] = SegmentSet()
+            if already:
+                for run_first, run_count in self.not_done_runs(first, count):
+                    received.add(run_first, run_count)
+            else:
+                received.add(first, count)
+            state[first:end] = _DONE_BYTE * count
+            self.done += count - already
         source = self.sources.get(source_name)
         if source is not None:
             source.timeouts_in_a_row = 0
@@ -208,15 +369,13 @@ class Download:
         """A request to this source ended, whatever its outcome. The outcome calls below do this
         too, for the request they answer; calling it first is harmless."""
         source = self.sources.get(source_name)
-        if source is None:
+        if source is None or not source.requests:
             return
         end = first + count
-        for req in [r for r in source.requests if r[0] < end and first < r[0] + r[1]]:
+        ended = [r for r in source.requests if r.first < end and first < r.first + r.count]
+        for req in ended:
             source.requests.remove(req)
-            out = self.outstanding
-            for i in range(req[0], req[0] + req[1]):
-                if out[i]:
-                    out[i] -= 1
+            self._release(req.first, req.count)
 
     def on_refused(self, source_name: str, runs: list[Run]) -> None:
         for first, count in runs:
@@ -249,14 +408,23 @@ class Download:
             else:
                 hint = self._retry_elsewhere(i, source_name, hint)
 
+    def on_abandoned(self, request: Request) -> None:
+        """A duplicate nobody needs any more, or a request cut short by the shell: its segments go
+        back to MISSING and are queued again where they were asked (no blame)."""
+        self.end_request(request)
+        hint: SourceState | None = self.sources.get(request.source)
+        for i in range(request.first, request.first + request.count):
+            if self.state[i] == SegmentState.PENDING and not self.outstanding[i]:
+                self._mark_missing(i)
+                hint = self._requeue(i, hint=hint)
+
     def mark_dead(self, source_name: str) -> None:
         source = self.sources.get(source_name)
         if source is None or source.dead:
             return
         source.dead = True
-        queued, source.queue = list(source.queue), deque()
         hint = None
-        for first, count in queued:
+        for first, count in source.clear():
             for i in range(first, first + count):
                 if self.state[i] == SegmentState.MISSING:
                     hint = self._requeue(i, hint=hint)
@@ -281,34 +449,43 @@ class Download:
         previous segment of the same run went: kept while it still qualifies, so that a run stays
         one run and a run of n segments does not cost n scans of every queue.
         """
-        excluded = self.excluded.get(index, set())
-        peers = [
-            s
-            for s in self.sources.values()
-            if s.name != BROKER and not s.dead and s.name not in excluded and s.has(index)
-        ]
-        if avoid is not None:
-            others = [s for s in peers if s.name != avoid]
-            if others or self._broker_usable(index):
-                peers = others
-        if peers:
-            # Identity, not ==: SourceState is a dataclass, and equality would compare queues.
-            if hint is None or not any(p is hint for p in peers):
-                hint = min(peers, key=lambda s: s.queued_segments() + s.in_flight * self.batch)
-            target = hint
-        elif self._broker_usable(index):
-            target = self.sources[BROKER]
-        elif avoid is not None and avoid in self.sources and not self.sources[avoid].dead:
-            target = self.sources[avoid]  # slow, but the only one left
+        excluded = self.excluded.get(index, ())
+        if (
+            hint is not None
+            and hint.name != BROKER
+            and hint.name != avoid
+            and not hint.dead
+            and hint.name not in excluded
+            and hint.has(index)
+            and self.sources.get(hint.name) is hint
+        ):
+            target: SourceState | None = hint
         else:
-            self.stuck.append(index)
-            return None
+            peers = [
+                s
+                for s in self.sources.values()
+                if s.name != BROKER and not s.dead and s.name not in excluded and s.has(index)
+            ]
+            if avoid is not None:
+                others = [s for s in peers if s.name != avoid]
+                if others or self._broker_usable(index):
+                    peers = others
+            if peers:
+                target = min(peers, key=lambda s: s.queued_count + s.in_flight * self.batch)
+            elif self._broker_usable(index):
+                target = self.sources[BROKER]
+            elif avoid is not None and avoid in self.sources and not self.sources[avoid].dead:
+                target = self.sources[avoid]  # slow, but the only one left
+            else:
+                self.stuck.append(index)
+                return None
+        assert target is not None
         queue = target.queue
         if queue and queue[-1][0] + queue[-1][1] == index:
-            last_first, last_count = queue.pop()
-            queue.append((last_first, last_count + 1))
+            last_first, last_count = target.pop_back()
+            target.push((last_first, last_count + 1))
         else:
-            queue.append((index, 1))
+            target.push((index, 1))
         return target
 
     def _mark_missing(self, index: int) -> None:
@@ -322,7 +499,7 @@ class Download:
 
     def queued(self) -> int:
         """Segments waiting in source queues (some may have been fetched since they were queued)."""
-        return sum(s.queued_segments() for s in self.sources.values() if not s.dead)
+        return sum(s.queued_count for s in self.sources.values() if not s.dead)
 
     def deferred(self) -> int:
         """MISSING segments that no queue holds: the broker left them out of the plan."""
@@ -342,8 +519,16 @@ class Download:
         return SegmentSet(_runs(_NOT_DONE_RUN, self.state, 0, self.segment_count))
 
     def source_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for name in self.segment_sources:
-            if name is not None:
-                counts[name] = counts.get(name, 0) + 1
-        return counts
+        return {name: len(held) for name, held in self.received.items() if held}
+
+    def source_runs(self) -> dict[str, list[Run]]:
+        return {name: held.runs() for name, held in self.received.items() if held}
+
+    @property
+    def segment_sources(self) -> list[str | None]:
+        """For each segment: who delivered it (None while not done). Built on demand."""
+        out: list[str | None] = [None] * self.segment_count
+        for name, held in self.received.items():
+            for first, count in held.runs():
+                out[first : first + count] = [name] * count
+        return out

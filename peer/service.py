@@ -3,61 +3,53 @@
 The agent thread owns every broker-facing socket and every download; the server thread answers
 other peers' segment requests from the store. Calls made here (from scripts, notebooks, the CLI)
 reach the agent through `call()` and come back as `concurrent.futures.Future`s, which also work
-with `await asyncio.wrap_future(...)` inside a running event loop (Jupyter).
+with `await` inside a running event loop (Jupyter). A download's progress is a subscription
+(`start_get(...).progress()`), read in the caller's thread, never a callback on the I/O thread.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Generator
-from concurrent.futures import Future
+from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
-import zmq
-
-from common.errors import ClosedError, ProtocolError, TransferError
+from common.errors import ClosedError, InvalidName, ProtocolError, TransferError
+from common.manifest import check_name
+from common.metrics import Snapshot
+from common.node import Node, Service
 from common.protocol import FileEntry, Files, Stats
 from common.segserver import SegmentServer
-from common.service import endpoint
-from peer.agent import Agent, GetResult, ProgressFn
+from common.subscription import Closed
+from common.transport import Transport, endpoint
+from peer.agent import Agent, GetFuture
 from peer.config import PeerConfig
 from peer.store import Store
+from peer.transfer import GetResult, Progress
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_GET_TIMEOUT_S = 3600.0
+ProgressFn = Callable[[int, int], None]
 
 
-class GetFuture(Future[GetResult]):
-    """A Future that can also be awaited: `result = await peer.start_get(name)`."""
-
-    def __await__(self) -> Generator[Any, None, GetResult]:
-        return asyncio.wrap_future(self).__await__()
-
-
-class Peer:
+class Peer(Node):
     """A peer: `with Peer(config) as p:` or `start()` / `close()`."""
 
     def __init__(self, config: PeerConfig) -> None:
+        super().__init__(f"peer-{config.name}")
         self.config = config
-        self._context: zmq.Context[Any] | None = None
         self._agent: Agent | None = None
         self._server: SegmentServer | None = None
-        self._closed = False
         self.store = Store(Path(config.data_dir), on_lost=self._on_lost)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Peer:
         return cls(PeerConfig.from_yaml(path))
 
-    # ---- lifecycle
+    # ---- lifecycle (common/node.py)
 
-    def start(self) -> Self:
-        if self._context is not None:
-            return self
+    def prepare(self) -> None:
         held = self.store.scan()
         if held:
             log.info(
@@ -66,56 +58,36 @@ class Peer:
                 sum(held.values()),
                 len(held),
             )
-        self._context = zmq.Context()
-        try:
-            self._server = SegmentServer(
-                f"zswarm-serve-{self.config.name}",
-                self._context,
-                self.store,
-                self.config.bind_host,
-                self.config.serve_port,
-                self.config.upload_limit_mib_s * 1024 * 1024,
-            )
-            self._server.start()
-            self._agent = Agent(self.config, self._context, self.store, lambda: self.serve_endpoint)
-            self._agent.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
 
-    def close(self, bye_timeout: float = 1.0) -> None:
-        """Say bye to the broker (so it stops offering this peer at once), then stop the threads."""
-        if self._closed:
-            return
-        self._closed = True
+    def make_services(self, transport: Transport) -> list[Service]:
+        self._server = SegmentServer(
+            f"zswarm-serve-{self.config.name}",
+            transport,
+            self.store,
+            self.config.bind_host,
+            self.config.serve_port,
+            self.config.upload_limit_mib_s * 1024 * 1024,
+        )
+        self._agent = Agent(self.config, transport, self.store, lambda: self.serve_endpoint, self.metrics)
+        return [self._server, self._agent]
+
+    def before_stop(self) -> None:
+        """Say bye to the broker (so it stops offering this peer at once). Even when not
+        registered at this instant (a re-registration may be under way), so that the broker
+        never keeps a closed peer until its heartbeats time out."""
         agent = self._agent
-        # Even when not registered at this instant (a re-registration may be under way), so that
-        # the broker never keeps a closed peer until its heartbeats time out.
         if agent is not None and agent.alive:
             try:
-                agent.call(agent.say_bye).result(bye_timeout).result(bye_timeout)
+                left = agent.call(lambda: agent.say_bye(1.0)).result(1.0)
+                left.wait(1.5)
             except Exception:
                 pass  # the broker is away: it will evict this peer when heartbeats stop
-        for service in (agent, self._server):
-            if service is not None:
-                service.stop()
-        if self._context is not None:
-            self._context.term()
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    def close(self, bye_timeout: float = 1.0) -> None:
+        super().close()
 
     def _running_agent(self) -> Agent:
-        if self._agent is None or self._closed or not self._agent.alive:
+        if self._agent is None or not self.running or not self._agent.alive:
             raise ClosedError(f"peer {self.config.name} is not running")
         return self._agent
 
@@ -148,20 +120,29 @@ class Peer:
 
     # ---- downloads
 
-    def start_get(
-        self, name: str, timeout: float = _DEFAULT_GET_TIMEOUT_S, progress: ProgressFn | None = None
-    ) -> GetFuture:
-        """Start downloading `name`; returns at once with a future (also awaitable)."""
+    def start_get(self, name: str, timeout: float = _DEFAULT_GET_TIMEOUT_S) -> GetFuture:
+        """Start downloading `name`; returns at once with a future (also awaitable). Its
+        `progress()` is a subscription of `Progress` snapshots; `cancel()` stops the download
+        and keeps what was verified. Raises InvalidName before anything starts."""
+        problem = check_name(name)
+        if problem:
+            raise InvalidName(f"invalid name {name!r}: {problem}")
         agent = self._running_agent()
-        future = GetFuture()
-        agent.call(lambda: agent.start_get(name, future, timeout, progress)).result(5.0)
-        return future
+
+        def cancel() -> None:
+            if agent.alive:
+                agent.call(lambda: agent.cancel_get(name))
+
+        return agent.call(lambda: agent.start_get(name, timeout, cancel)).result(5.0)
 
     def get(
         self, name: str, timeout: float = _DEFAULT_GET_TIMEOUT_S, progress: ProgressFn | None = None
     ) -> GetResult:
-        """Download `name` into data_dir and return where it came from. Raises on failure."""
-        future = self.start_get(name, timeout, progress)
+        """Download `name` into data_dir and return where it came from. Raises on failure.
+        `progress(done, total)`, if given, is called in this thread as segments arrive."""
+        future = self.start_get(name, timeout)
+        if progress is not None:
+            _follow(future, progress, timeout + 5.0)
         try:
             return future.result(timeout + 5.0)
         except TimeoutError:
@@ -170,10 +151,12 @@ class Peer:
     # ---- other commands
 
     def rescan(self) -> dict[str, int]:
-        """Verify data_dir again and register exactly what verifies; returns segments held per file id."""
+        """Verify data_dir again and register exactly what verifies; returns segments held per
+        file name."""
         agent = self._running_agent()
         held = agent.call(agent.rescan).result(600.0)
-        return {fid.hex(): n for fid, n in held.items()}
+        names = {f["file_id"]: f["name"] for f in self.store.files()}
+        return {str(names.get(fid.hex(), fid.hex())): n for fid, n in held.items()}
 
     def files(self) -> list[dict[str, object]]:
         """What this peer holds (complete and partial)."""
@@ -196,7 +179,31 @@ class Peer:
 
     def status(self) -> dict[str, Any]:
         agent = self._running_agent()
-        status = agent.call(agent.status).result(5.0)
+        status: dict[str, Any] = agent.call(agent.status).result(5.0)
         if self._server is not None:
             status["served"] = self._server.counters()
         return status
+
+    def metrics_snapshot(self) -> Snapshot:
+        """Every metric of this peer (the agent's and the segment server's), at one moment each."""
+        agent = self._running_agent()
+        snap = agent.call(agent.metrics.snapshot).result(5.0)
+        if self._server is not None:
+            served = self._server.published
+            snap.values.update(served.values)
+            snap.meta.update(served.meta)
+        return snap
+
+
+def _follow(future: GetFuture, progress: ProgressFn, timeout: float) -> None:
+    """Call `progress` with each snapshot until the download ends (in the caller's thread)."""
+    subscription = future.progress()
+    while True:
+        try:
+            snap: Progress = subscription.get(timeout)
+        except (Closed, TimeoutError):
+            return
+        try:
+            progress(snap.done, snap.segments)
+        except Exception:
+            log.exception("progress callback failed")

@@ -28,16 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgpack
-
 from common.errors import DiskFull, StorageError
-from common.manifest import SEGMENT_SIZE, Manifest
+from common.manifest import SEGMENT_SIZE, Manifest, read_manifest_file, write_manifest_file
 from common.ranges import Run, SegmentSet
 
 log = logging.getLogger(__name__)
 
 META_DIR = ".zswarm"
-_FORMAT = 1
 
 
 @dataclass
@@ -80,27 +77,20 @@ class Store:
         target = self._manifest_path(manifest.file_id)
         if target.exists():
             return
-        data = msgpack.packb(
-            {"format": _FORMAT, "name": manifest.name, "size": manifest.size, "digests": manifest.digests},
-            use_bin_type=True,
-        )
-        tmp = target.with_suffix(".tmp")
         try:
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
+            write_manifest_file(target, manifest)
         except OSError as exc:
             raise _storage_error(exc, f"cannot save the manifest of {manifest.name}") from None
 
     def load_manifest(self, file_id: bytes) -> Manifest | None:
         try:
-            data = msgpack.unpackb(self._manifest_path(file_id).read_bytes(), raw=False)
-            manifest = Manifest(name=data["name"], size=data["size"], digests=data["digests"])
+            manifest, _ = read_manifest_file(self._manifest_path(file_id))
         except FileNotFoundError:
             return None
-        except Exception as exc:
+        except (OSError, ValueError) as exc:
             log.warning("ignoring damaged manifest %s: %s", file_id.hex()[:16], exc)
             return None
-        if manifest.file_id != file_id or manifest.consistency_error():
+        if manifest.file_id != file_id:
             log.warning("ignoring inconsistent manifest %s", file_id.hex()[:16])
             return None
         return manifest
@@ -150,9 +140,8 @@ class Store:
                 for first in range(0, manifest.segment_count, chunk_segments):
                     count = min(chunk_segments, manifest.segment_count - first)
                     data = os.pread(fd, manifest.run_length(first, count), first * SEGMENT_SIZE)
-                    for k, ok in enumerate(manifest.verify_run(first, data)):
-                        if ok:
-                            held.add(first + k, 1)
+                    for good_first, good_count in manifest.split_verified(first, count, data)[0]:
+                        held.add(good_first, good_count)
         except OSError as exc:
             log.warning("cannot verify %s: %s", path, exc.strerror)
         return held
@@ -293,20 +282,12 @@ class Store:
         lost: list[Run] = []
         for run_first, run_count in wanted:
             data = self._pread(path, file_id, manifest, run_first, run_count)
-            flags = manifest.verify_run(run_first, data)
-            flags += [False] * (run_count - len(flags))
-            k = 0
-            while k < run_count:
-                j = k
-                while j < run_count and flags[j] == flags[k]:
-                    j += 1
-                if flags[k]:
-                    start = k * SEGMENT_SIZE
-                    parts.append(data[start : start + manifest.run_length(run_first + k, j - k)])
-                    present.add(run_first + k, j - k)
-                else:
-                    lost.append((run_first + k, j - k))
-                k = j
+            good, bad = manifest.split_verified(run_first, run_count, data)
+            for good_first, good_count in good:
+                start = (good_first - run_first) * SEGMENT_SIZE
+                parts.append(data[start : start + manifest.run_length(good_first, good_count)])
+                present.add(good_first, good_count)
+            lost.extend(bad)
         if lost:
             with self._lock:
                 entry = self._entries.get(file_id)

@@ -726,15 +726,15 @@ def test_not_in_endgame_while_work_is_queued_or_deferred() -> None:
 
 
 def test_reply_times_adapt_the_timeout_with_the_floor_kept() -> None:
-    from peer.agent import _ReplyTimes
+    from peer.transfer import SourceTiming
 
-    times = _ReplyTimes()
+    times = SourceTiming()
     assert times.timeout(2.0) == 2.0 and times.patience(2.0) == 0.5  # nothing measured yet
     for _ in range(20):
         times.sample(0.01)  # a fast source
     assert times.timeout(2.0) == 2.0  # never below the floor
     assert times.patience(2.0) == 0.5
-    slow = _ReplyTimes()
+    slow = SourceTiming()
     for _ in range(20):
         slow.sample(3.0)  # a loaded one: waited for, not given up on
     assert 3.0 < slow.timeout(2.0) <= 60.0

@@ -34,7 +34,7 @@ from common.protocol import (
     SegmentData,
     SegmentRequest,
 )
-from peer import Peer
+from peer import GetFuture, Peer
 from peer.store import Store
 from tests.helpers import RawClient, wait_until, write_random
 
@@ -68,6 +68,12 @@ def seed_peer(data_dir: Path, source: Path, name: str) -> Manifest:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
     return manifest
+
+
+def progressed(future: GetFuture, fraction: float) -> bool:
+    """True once the download behind `future` has more than `fraction` of its segments."""
+    snap = future.progress().last
+    return snap is not None and snap.segments > 0 and snap.done > fraction * snap.segments
 
 
 def verified_segments(manifest: Manifest, path: Path) -> int:
@@ -175,13 +181,10 @@ def test_source_killed_mid_transfer(
     client = tracker_client(broker.tracker)
     wait_until(lambda: {"srcA", "srcB"} <= set(stats_of(client)["live_peers"]), what="sources registered")
 
-    halfway = threading.Event()
     downloader = start_in_process_peer(tmp_path, "dl", broker.tracker, batch_segments=16)
     try:
-        future = downloader.start_get(
-            "f.bin", timeout=60, progress=lambda d, t: d >= t // 2 and halfway.set()
-        )
-        assert halfway.wait(30), "the download did not start"
+        future = downloader.start_get("f.bin", timeout=60)
+        wait_until(lambda: progressed(future, 0.5), timeout=30, what="the download to reach halfway")
         victim = swarm.procs[1]
         assert isinstance(victim, PeerProcess) and victim.name == "srcA"
         victim.kill()
@@ -243,9 +246,8 @@ def test_broker_restart(swarm: Swarm, tmp_path: Path, tracker_client: Callable[[
     wait_until(lambda: "srcA" in stats_of(client)["live_peers"], what="srcA registered")
     downloader = start_in_process_peer(tmp_path, "dl", broker.tracker)
     try:
-        started = threading.Event()
-        future = downloader.start_get("f.bin", timeout=60, progress=lambda d, t: d > 0 and started.set())
-        assert started.wait(30)
+        future = downloader.start_get("f.bin", timeout=60)
+        wait_until(lambda: progressed(future, 0.0), timeout=30, what="the download to start")
         broker.kill()
         swarm.procs.remove(broker)
         restarted = swarm.start_broker()

@@ -73,8 +73,12 @@ def test_start_get_returns_future_that_can_be_awaited(
     progress: list[tuple[int, int]] = []
 
     async def fetch() -> Any:
-        # A running event loop (as in Jupyter): the future is awaited, nothing blocks the loop.
-        return await p1.start_get("f.bin", timeout=30, progress=lambda d, t: progress.append((d, t)))
+        # A running event loop (as in Jupyter): progress is an async subscription, the future is
+        # awaited, nothing blocks the loop.
+        future = p1.start_get("f.bin", timeout=30)
+        async for snap in future.progress():
+            progress.append((snap.done, snap.segments))
+        return await future
 
     result = asyncio.run(fetch())
     assert result.path.read_bytes() == data

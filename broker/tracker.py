@@ -1,0 +1,468 @@
+"""Tracker: the broker's policy as one object with no sockets, no disk and no clock.
+
+Theory of operation
+-------------------
+The tracker's socket shell (broker/service.py) decodes a request and hands it here with the
+sender's connection id and `now`; `on_request` returns the replies to send, as (connection id,
+message) pairs: usually one, to the sender, none when a request must wait (a GET for a file whose
+manifest is being rebuilt), several when a rebuild finishes and the waiting GETs can be answered.
+Heartbeats come in through `on_heartbeat`; `tick(now)` evicts silent peers and answers GETs that
+waited too long; `next_deadline()` tells the shell how long it may sleep.
+
+Behind it: the `Registry` (who is alive and holds what, load, strikes, origin claims) and the
+planner (`plan_download`: which source serves which block); this object composes them into a
+GET's answer (candidates, spread over the file, clipping, claims). The catalog is consulted
+through lookups only; files are hashed by the catalog worker on its own thread, whose results
+arrive as `on_catalog_change` (so no request ever waits for a disk).
+
+Everything the tracker counts is a metric in its `Metrics` set.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from broker.planner import MAX_PARTIAL_HOLDERS, origin_share, plan_download
+from broker.registry import Holder, Registry
+from common import protocol
+from common.errors import WireCode
+from common.manifest import Manifest
+from common.metrics import Metrics
+from common.protocol import (
+    BadSource,
+    Bye,
+    Error,
+    FileEntry,
+    FileInfo,
+    Files,
+    Get,
+    Have,
+    ListFiles,
+    Lost,
+    Message,
+    Ok,
+    Ping,
+    Pong,
+    Register,
+    Registered,
+    Source,
+    Stats,
+    StatsRequest,
+)
+from common.ranges import Run, SegmentSet
+
+log = logging.getLogger(__name__)
+
+MAX_PLAN_SOURCES = 256  # a GET names at most this many peers (the wire allows 4096)
+GET_WAIT_S = 2.0  # a GET waits this long for a manifest being rebuilt, then is told to retry
+MAX_WAITING_GETS = 10_000  # beyond this, GETs for files being rebuilt are told to retry at once
+
+Reply = tuple[bytes, Message]  # (connection id, message)
+
+
+class StrikeReason(enum.Enum):
+    """What a `bad_source` report says, and whether it counts against the accused."""
+
+    CHECKSUM = "checksum mismatch"
+    REFUSED = "refused"
+    MALFORMED = "malformed reply"
+    MISMATCH = "reply does not match the request"
+    MISSING_OUTSIDE = "missing segments outside the request"
+    LENGTH = "payload length does not match"
+    OTHER = "other"
+
+    @classmethod
+    def parse(cls, reason: str) -> StrikeReason:
+        for member in cls:
+            if member.value == reason:
+                return member
+        return cls.OTHER
+
+    @property
+    def strikes(self) -> bool:
+        """A refusal only drops the claim (the peer lost the data, or never had it); every
+        other reason is bytes or replies that were wrong: a strike."""
+        return self is not StrikeReason.REFUSED
+
+
+class CatalogEntryView(Protocol):
+    @property
+    def manifest(self) -> Manifest: ...
+
+
+class CatalogView(Protocol):
+    """What the tracker reads of the catalog: in-memory lookups, no disk."""
+
+    def by_name(self, name: str) -> CatalogEntryView | None: ...
+
+    def by_id(self, file_id: bytes) -> CatalogEntryView | None: ...
+
+    def entries(self) -> Sequence[CatalogEntryView]: ...
+
+    def rebuilding(self, name: str) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerSettings:
+    heartbeat_endpoint: str
+    origin_endpoint: str
+    heartbeat_interval_s: float = 1.0
+    heartbeat_liveness: int = 3
+    plan_policy: str = "swarm"
+    plan_block_segments: int = 64
+    origin_lanes: int = 2
+    origin_window_blocks: int = 32
+    origin_claim_idle_s: float = 2.0
+    strike_limit: int = 3
+    bench_s: float = 30.0
+
+    @property
+    def peer_expiry_s(self) -> float:
+        # Half an interval of grace: a peer that lost liveness - 1 heartbeats in a row and whose
+        # next one is a little late is alive; a dead one is gone within interval x (liveness + 1).
+        return self.heartbeat_interval_s * (self.heartbeat_liveness + 0.5)
+
+
+@dataclass(frozen=True, slots=True)
+class _WaitingGet:
+    deadline: float
+    sender: bytes
+    request: Get
+
+
+def _clip(runs: Sequence[Run], segment_count: int) -> list[Run]:
+    """Runs cut to the file's segments (a peer cannot claim segment 10**6 of a 3-segment file)."""
+    out: list[Run] = []
+    for first, count in runs:
+        end = min(first + count, segment_count)
+        if first < end:
+            out.append((first, end - first))
+    return out
+
+
+def _spread(nth_get: int, segment_count: int, block: int) -> int:
+    """Rotation for the n-th GET of a file: golden-ratio steps spread starts over the file."""
+    blocks = max((segment_count + block - 1) // block, 1)
+    return int(nth_get * 0.6180339887 * blocks) % blocks
+
+
+class TrackerMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self.requests = metrics.counter("tracker_requests_total", "tracker requests received, by op", ("op",))
+        self.malformed = metrics.counter("tracker_malformed_requests_total", "undecodable tracker requests")
+        self.replies_dropped = metrics.counter(
+            "tracker_replies_dropped_total", "replies the ROUTER could not queue (peer gone or not reading)"
+        )
+        self.heartbeats = metrics.counter("heartbeats_total", "heartbeats received")
+        self.heartbeats_unknown = metrics.counter("heartbeats_unknown_total", "heartbeats from unknown names")
+        self.heartbeats_malformed = metrics.counter("heartbeats_malformed_total", "undecodable heartbeats")
+        self.bad_reports = metrics.counter("bad_source_reports_total", "bad_source reports received")
+        self.segments_planned = metrics.counter(
+            "segments_planned_total", "segments planned, by kind of source", ("source",)
+        )
+        self.segments_deferred = metrics.counter(
+            "segments_deferred_total", "segments left out of plans by origin claims (super-seeding)"
+        )
+        self.evicted = metrics.counter("peers_evicted_total", "peers dropped after their heartbeats stopped")
+        self.live = metrics.gauge("live_peers", "peers registered and alive")
+        self.gets_waiting = metrics.gauge("gets_waiting_requests", "GETs waiting for a manifest rebuild")
+
+
+class Tracker:
+    def __init__(self, settings: TrackerSettings, catalog: CatalogView, session: int, metrics: Metrics) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.session = session
+        self.metrics = metrics
+        self.m = TrackerMetrics(metrics)
+        self.registry = Registry(
+            settings.peer_expiry_s, strike_limit=settings.strike_limit, bench_s=settings.bench_s
+        )
+        self.get_counts: dict[bytes, int] = {}
+        self.bench_log: list[dict[str, Any]] = []
+        self._waiting: list[tuple[float, int, _WaitingGet]] = []  # heap by deadline
+        self._waiting_seq = 0
+
+    # ---- inputs
+
+    def on_request(self, request: Message, sender: bytes, now: float) -> list[Reply]:
+        self.m.requests.inc(labels=(request.OP,))
+        record = self.registry.peer_by_routing(sender)
+        if record is not None:
+            record.last_seen = now
+        peer = record.name if record is not None else None
+        if isinstance(request, Get):
+            reply = self.on_get(request, sender, peer, now)
+            return [] if reply is None else [(sender, reply)]
+        return [(sender, self._answer(request, sender, peer, now))]
+
+    def on_malformed(self, sender: bytes, rid: int, problem: str) -> list[Reply]:
+        self.m.malformed.inc()
+        return [(sender, Error(rid, WireCode.MALFORMED, problem))]
+
+    def on_heartbeat(self, name: str, now: float) -> None:
+        self.m.heartbeats.inc()
+        if not self.registry.touch(name, now):
+            self.m.heartbeats_unknown.inc()
+
+    def tick(self, now: float) -> tuple[list[str], list[Reply]]:
+        """Evict silent peers; tell GETs that waited too long to retry. Returns (evicted, replies)."""
+        evicted = self.registry.expire(now)
+        if evicted:
+            self.m.evicted.inc(len(evicted))
+            self.m.live.set(len(self.registry.peers))
+        replies: list[Reply] = []
+        while self._waiting and self._waiting[0][0] <= now:
+            _, _, waiting = heapq.heappop(self._waiting)
+            replies.append((waiting.sender, self._retry_later(waiting.request)))
+        self.m.gets_waiting.set(len(self._waiting))
+        return evicted, replies
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (self.registry.next_expiry(),) if d is not None]
+        if self._waiting:
+            deadlines.append(self._waiting[0][0])
+        return min(deadlines) if deadlines else None
+
+    def on_catalog_change(self, name: str, old_file_id: bytes | None, now: float) -> list[Reply]:
+        """A file was added, changed or removed (the catalog already says so). Holders of the
+        old version are not offered for the new one; GETs that waited for it are answered."""
+        entry = self.catalog.by_name(name)
+        if old_file_id is not None and (entry is None or entry.manifest.file_id != old_file_id):
+            self.registry.forget_file(old_file_id)
+        if self.catalog.rebuilding(name):
+            return []
+        replies: list[Reply] = []
+        still: list[tuple[float, int, _WaitingGet]] = []
+        for item in self._waiting:
+            waiting = item[2]
+            if waiting.request.name == name:
+                record = self.registry.peer_by_routing(waiting.sender)
+                reply = self.on_get(waiting.request, waiting.sender, record.name if record else None, now)
+                if reply is not None:
+                    replies.append((waiting.sender, reply))
+            else:
+                still.append(item)
+        heapq.heapify(still)
+        self._waiting = still
+        self.m.gets_waiting.set(len(self._waiting))
+        return replies
+
+    # ---- requests
+
+    def _answer(self, request: Message, sender: bytes, peer: str | None, now: float) -> Message:
+        if isinstance(request, Have):
+            return self.on_holdings(request, peer, now, add=True)
+        if isinstance(request, Ping):
+            return Pong(request.rid, self.session, peer is not None)
+        if isinstance(request, Register):
+            return self.on_register(request, sender, now)
+        if isinstance(request, Lost):
+            return self.on_holdings(request, peer, now, add=False)
+        if isinstance(request, BadSource):
+            return self.on_bad_source(request, peer, now)
+        if isinstance(request, ListFiles):
+            return Files(
+                request.rid,
+                tuple(FileEntry(e.manifest.name, e.manifest.size, e.manifest.file_id) for e in self.catalog.entries()),
+            )
+        if isinstance(request, StatsRequest):
+            return Stats(request.rid, self.stats(now))
+        if isinstance(request, Bye):
+            if peer is not None:
+                self.registry.remove(peer)
+                self.m.live.set(len(self.registry.peers))
+                log.info("peer %s said bye", peer)
+            return Ok(request.rid)
+        return Error(getattr(request, "rid", 0), WireCode.UNKNOWN_OP, f"{request.OP} is not a request")
+
+    def on_register(self, request: Register, sender: bytes, now: float) -> Message:
+        if request.proto != protocol.PROTOCOL_VERSION:
+            return Error(request.rid, WireCode.VERSION, f"protocol {request.proto} not supported")
+        live = self.registry.peers.get(request.name)
+        if live is not None and live.routing_id != sender:
+            # Another connection holds this name: refuse rather than let one peer take over
+            # another (a restarted peer gets its name back once the old entry expires).
+            return Error(
+                request.rid,
+                WireCode.NAME_TAKEN,
+                f"the name {request.name!r} is in use by another live peer; "
+                f"it is free again once that peer leaves or is silent for {self.settings.peer_expiry_s:g} s",
+            )
+        holdings: list[tuple[bytes, list[Run]]] = []
+        for holding in request.holdings:
+            entry = self.catalog.by_id(holding.file_id)
+            if entry is not None:  # claims on versions the broker does not serve are dropped
+                holdings.append((holding.file_id, _clip(holding.runs, entry.manifest.segment_count)))
+        replaced = self.registry.register(request.name, sender, request.endpoint, holdings, now)
+        self.m.live.set(len(self.registry.peers))
+        log.info(
+            "peer %s %s at %s holding %d segments of %d files",
+            request.name,
+            "re-registered" if replaced else "registered",
+            request.endpoint,
+            sum(sum(c for _, c in runs) for _, runs in holdings),
+            len(holdings),
+        )
+        s = self.settings
+        return Registered(request.rid, self.session, s.heartbeat_endpoint, s.heartbeat_interval_s, s.heartbeat_liveness)
+
+    def on_get(self, request: Get, sender: bytes, peer: str | None, now: float) -> Message | None:
+        if self.catalog.rebuilding(request.name):
+            return self._wait_for_rebuild(request, sender, now)
+        entry = self.catalog.by_name(request.name)
+        if entry is None:
+            return Error(request.rid, WireCode.NOT_FOUND, f"no file named {request.name!r}")
+        manifest = entry.manifest
+        s = self.settings
+        need = SegmentSet.full(manifest.segment_count)
+        if peer is not None:
+            need.difference_update(self.registry.holdings_of(peer, manifest.file_id))
+        nth = self.get_counts[manifest.file_id] = self.get_counts.get(manifest.file_id, 0) + 1
+        claims = self.registry.origin_claims(manifest.file_id, now, s.origin_claim_idle_s)
+        plan = plan_download(
+            manifest.segment_count,
+            need,
+            self._candidates(manifest, now, peer),
+            s.origin_endpoint,
+            block=s.plan_block_segments,
+            rotate=_spread(nth, manifest.segment_count, s.plan_block_segments),
+            claims=claims,
+            requester=peer,
+            origin_window=origin_share(
+                s.origin_window_blocks if s.plan_policy == "swarm" else 0,
+                s.origin_lanes,
+                claims,
+                peer or "",
+                -(-manifest.segment_count // s.plan_block_segments),
+            ),
+        )
+        if plan.claimed and peer is not None:
+            self.registry.claim_origin_blocks(manifest.file_id, peer, plan.claimed, now)
+        if plan.deferred:
+            self.m.segments_deferred.inc(plan.deferred)
+        for name, count in plan.segments_by_source().items():
+            self.registry.note_planned(name, count, now)
+            self.m.segments_planned.inc(count, labels=("broker" if name == "broker" else "peer",))
+        return FileInfo(
+            rid=request.rid,
+            name=manifest.name,
+            size=manifest.size,
+            file_id=manifest.file_id,
+            segment_size=manifest.segment_size,
+            digests=None if request.known_file_id == manifest.file_id else manifest.digests,
+            sources=tuple(Source(src.name, src.endpoint, src.runs) for src in plan.sources),
+            plan=plan.entries,
+            origin_lanes=s.origin_lanes,
+        )
+
+    def _wait_for_rebuild(self, request: Get, sender: bytes, now: float) -> Message | None:
+        if len(self._waiting) >= MAX_WAITING_GETS:
+            return self._retry_later(request)
+        self._waiting_seq += 1
+        heapq.heappush(self._waiting, (now + GET_WAIT_S, self._waiting_seq, _WaitingGet(now + GET_WAIT_S, sender, request)))
+        self.m.gets_waiting.set(len(self._waiting))
+        return None
+
+    @staticmethod
+    def _retry_later(request: Get) -> Message:
+        return Error(request.rid, WireCode.BUSY, f"the manifest of {request.name!r} is being rebuilt; retry")
+
+    def _candidates(self, manifest: Manifest, now: float, requester: str | None) -> list[Holder]:
+        """Holders to plan over: all of them up to MAX_PLAN_SOURCES, else the least loaded."""
+        if self.settings.plan_policy == "origin_only":
+            return []
+        holders = self.registry.holders(manifest.file_id, now, exclude=requester)
+        if len(holders) <= MAX_PLAN_SOURCES and len(holders) <= MAX_PARTIAL_HOLDERS:
+            return holders
+        # Complete holders are cheap to plan and to send (no runs); partial ones cost a walk of
+        # their runs and their runs in the reply, so only a few of them, fewer when seeds abound.
+        segments = manifest.segment_count
+        complete = [h for h in holders if h.segments.covers(0, segments)]
+        partial = [h for h in holders if not h.segments.covers(0, segments)]
+        partial_limit = MAX_PARTIAL_HOLDERS if len(complete) < MAX_PARTIAL_HOLDERS else 8
+        chosen = heapq.nsmallest(MAX_PLAN_SOURCES, complete, key=lambda h: h.load)
+        chosen += heapq.nsmallest(min(partial_limit, MAX_PLAN_SOURCES - len(chosen)), partial, key=lambda h: h.load)
+        return chosen
+
+    def on_holdings(self, request: Have | Lost, peer: str | None, now: float, add: bool) -> Message:
+        if peer is None:
+            return Error(request.rid, WireCode.NOT_REGISTERED, "register first")
+        entry = self.catalog.by_id(request.file_id)
+        if entry is not None:
+            runs = _clip(request.runs, entry.manifest.segment_count)
+            if add:
+                self.registry.add_runs(peer, request.file_id, runs)
+                self.registry.note_progress(peer, request.file_id, now)
+            else:
+                self.registry.remove_runs(peer, request.file_id, runs)
+                log.info("peer %s lost %d segments of %s", peer, sum(c for _, c in runs), entry.manifest.name)
+        return Ok(request.rid)
+
+    def on_bad_source(self, request: BadSource, peer: str | None, now: float) -> Message:
+        if peer is None:
+            return Error(request.rid, WireCode.NOT_REGISTERED, "register first")
+        self.m.bad_reports.inc()
+        reason = StrikeReason.parse(request.reason)
+        benched = self.registry.report_bad(
+            request.source, request.file_id, request.runs, reason.value, now, strike=reason.strikes
+        )
+        log.warning(
+            "%s reports %s for %d segments: %s",
+            peer,
+            request.source,
+            sum(c for _, c in request.runs),
+            request.reason,
+        )
+        if benched:
+            log.warning(
+                "peer %s benched for %.0f s after repeated bad reports (last: %s)",
+                request.source,
+                self.settings.bench_s,
+                reason.value,
+            )
+            self.bench_log.append({"peer": request.source, "reason": reason.value, "by": peer})
+            del self.bench_log[:-100]
+        return Ok(request.rid)
+
+    # ---- statistics
+
+    def stats(self, now: float) -> dict[str, Any]:
+        peers = {
+            name: {
+                "endpoint": r.endpoint,
+                "last_seen_s": round(now - r.last_seen, 3),
+                "registered_s": round(now - r.registered_at, 3),
+                "files": len(r.holdings),
+                "segments": sum(len(s) for s in r.holdings.values()),
+                "benched_s": round(max(r.benched_until - now, 0.0), 3),
+                "bench_reason": r.bench_reason,
+            }
+            for name, r in self.registry.peers.items()
+        }
+        snap = self.metrics.snapshot()
+        requests = {
+            labels[0]: int(value) for labels, value in snap.values.get("tracker_requests_total", {}).items()
+        }
+        requests["malformed"] = int(snap.get("tracker_malformed_requests_total"))
+        requests["replies_dropped"] = int(snap.get("tracker_replies_dropped_total"))
+        requests["heartbeats"] = int(snap.get("heartbeats_total"))
+        requests["heartbeats_unknown"] = int(snap.get("heartbeats_unknown_total"))
+        requests["malformed_heartbeats"] = int(snap.get("heartbeats_malformed_total"))
+        requests["bad_reports"] = int(snap.get("bad_source_reports_total"))
+        return {
+            "session": self.session,
+            "live_peers": sorted(peers),
+            "peers": peers,
+            "files": len(self.catalog.entries()),
+            "requests": requests,
+            "evicted": self.registry.evicted_total,
+            "segments_deferred": int(snap.get("segments_deferred_total")),
+            "benched": list(self.bench_log),
+            "metrics": snap.flat(),
+        }

@@ -1,0 +1,811 @@
+"""Transfer: one file's download, as a state machine with no I/O and no clock.
+
+Theory of operation
+-------------------
+A `Transfer` is fed what happened (a plan arrived, a reply arrived, a write went through, time
+passed: every input carries `now`) and answers with commands for its shell (ask for a plan, send
+this request, write these verified bytes, announce these segments, give up on that request,
+finish the file) and events (completed, failed, a source timed out). It never touches a socket,
+a file or the clock, so the same object runs behind real ZeroMQ sockets (peer/agent.py) and in
+the in-memory swarm (sim/), and its tests run in microseconds.
+
+    PLANNING --plan--> (Prepare) --prepared--> FETCHING --all written--> FINISHING --ack, moved--> DONE
+        |                                          |                          |
+        +-------------------- any failure, timeout or cancel -----------------+--> FAILED
+
+PLANNING: it asks the broker for the manifest and a plan (once the broker session is
+registered), checks the manifest, and asks the shell to prepare the file (which reports what is
+already held: a resumed download). FETCHING: `Download` (peer/download.py) keeps every segment's
+state and each source's queue; `tick` sends requests while each source's in-flight limit allows
+(see "Scheduling"), times them out (the shell then closes that REQ socket: Lazy Pirate), asks
+for fresh plans (when leaning on the origin, when work runs low, when deferred segments wait,
+when sources run out) and duplicates stragglers to idle peers in the endgame. A reply is checked
+against its request, every segment is verified against the manifest, and the verified parts not
+yet written become `Write` commands; a segment counts as done only when the shell reports its
+write (`on_written`), so a failed write never leaves a claimed but absent segment. Written
+segments are announced to the broker every `have_flush_interval_s` (haves first, then any plan
+request, on the same connection, so the broker plans from what it knows). FINISHING: the last
+announcement is acknowledged before the shell moves the file to its final name, so when `get`
+returns the broker already offers this peer as a source.
+
+Contract with the shell: execute the commands of one call in order, and report the outcome of
+every `Write` (`on_written` / `on_write_failed`) before feeding any other input.
+
+Scheduling
+----------
+Each source's requests in flight and their length follow what it delivers: a source's reply
+times and delivery rate are measured (`SourceTiming`, shared by all transfers of a peer), a
+request's deadline is the time the bytes ahead of it and its own need at that rate plus the
+reply time's variation, never below `request_timeout_s` (the origin gets four times that: it is
+the last resort, and asking it twice only doubles its load).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.errors import (
+    BrokerUnavailable,
+    IntegrityError,
+    MalformedMessage,
+    NoSourceLeft,
+    RemoteError,
+    TransferError,
+    WireCode,
+    ZswarmError,
+)
+from common.manifest import Manifest
+from common.protocol import Error, FileInfo, Message, SegmentData
+from common.ranges import Run, SegmentSet
+from peer.download import BROKER, LOCAL, Download, Request
+
+MIN_REPLAN_GAP_S = 0.02  # deferred segments: ask again at most this often
+MAX_REQUEST_TIMEOUT_S = 60.0
+ORIGIN_PATIENCE = 4  # origin requests time out after 4 x request_timeout_s at least
+STUCK_REPLANS = 2  # fresh plans asked when sources run out, before giving up
+
+
+class TransferState(enum.Enum):
+    PLANNING = "planning"
+    FETCHING = "fetching"
+    FINISHING = "finishing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class BadReason(enum.StrEnum):
+    """Why a source is reported to the broker (the wire's `bad_source.reason`)."""
+
+    CHECKSUM = "checksum mismatch"  # bytes that failed verification: a strike
+    REFUSED = "refused"  # it lacks segments it was listed for: only its claim is dropped
+    MALFORMED = "malformed reply"
+    MISMATCH = "reply does not match the request"
+    MISSING_OUTSIDE = "missing segments outside the request"
+    LENGTH = "payload length does not match"
+
+
+class CancelledTransfer(TransferError):
+    """The download was cancelled; verified segments are kept for a later resume."""
+
+
+# --------------------------------------------------------------------------- settings and results
+
+
+@dataclass(frozen=True, slots=True)
+class TransferSettings:
+    batch_segments: int = 64
+    lanes_per_source: int = 2
+    request_timeout_s: float = 2.0
+    have_flush_interval_s: float = 0.1
+    replan_interval_s: float = 1.0
+    timeout_s: float = 3600.0
+    broker_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class GetResult:
+    """What `Peer.get` returns."""
+
+    name: str
+    path: Path
+    size: int
+    file_id: str  # hex
+    seconds: float
+    sources: dict[str, int]  # source -> number of segments ("broker", a peer, or "local")
+    source_runs: dict[str, list[Run]]  # source -> the runs of segments it delivered
+
+    @property
+    def segment_sources(self) -> list[str]:
+        """For each segment: "broker", the peer it came from, or "local"."""
+        out = [LOCAL] * (sum(self.sources.values()))
+        for name, runs in self.source_runs.items():
+            for first, count in runs:
+                out[first : first + count] = [name] * count
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """One transfer at one moment: what progress subscribers receive."""
+
+    name: str
+    state: TransferState
+    size: int  # 0 while the manifest is not known
+    segments: int
+    done: int  # segments verified and written (including those held before)
+    bytes_done: int
+    seconds: float
+    rate_bps: float  # bytes per second over the transfer so far (fetched bytes only)
+    sources: dict[str, int]
+    in_flight: int
+    error: str | None = None
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.segments if self.segments else (1.0 if self.state is TransferState.DONE else 0.0)
+
+
+# --------------------------------------------------------------------------- commands and events
+
+
+@dataclass(frozen=True, slots=True)
+class AskPlan:
+    """Send `get` for this transfer's file (the reply comes back through `on_plan`)."""
+
+    name: str
+    known_file_id: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Prepare:
+    """Open (or resume) the partial file for this manifest; answer with `on_prepared`."""
+
+    manifest: Manifest
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    request: Request
+    endpoint: str
+    file_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AbandonRequest:
+    """No reply is wanted any more: close the socket carrying it (a REQ that lost its reply
+    cannot send again)."""
+
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    source: str
+    first: int
+    count: int
+    data: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """Tell the broker these segments are held (`have`). `final`: answer with `on_announced`."""
+
+    file_id: bytes
+    runs: tuple[Run, ...]
+    final: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ReportBad:
+    file_id: bytes
+    source: str
+    runs: tuple[Run, ...]
+    reason: BadReason
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """Every segment is written and announced: move the file to its final name; answer with
+    `on_finished` or `on_finish_failed`."""
+
+    manifest: Manifest
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    result: GetResult
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: ZswarmError
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTimedOut:
+    """An event for the log and the metrics: no reply within the deadline."""
+
+    source: str
+    run: Run
+    waited_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class BadBytes:
+    source: str
+    segments: int
+
+
+Command = (
+    AskPlan
+    | Prepare
+    | SendRequest
+    | AbandonRequest
+    | Write
+    | Announce
+    | ReportBad
+    | Finish
+    | Completed
+    | Failed
+    | RequestTimedOut
+    | BadBytes
+)
+
+
+# --------------------------------------------------------------------------- per-source timing
+
+
+class SourceTiming:
+    """Reply times (RFC 6298 style) and delivery rate of one source, as this peer sees them.
+
+    A loaded but healthy source on a slow link is given the time its queue needs; the floor
+    (`request_timeout_s`) keeps a fast source from being judged on a few lucky replies.
+    """
+
+    __slots__ = ("last_arrival", "rate_bps", "rttvar", "srtt")
+
+    def __init__(self) -> None:
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.rate_bps: float | None = None
+        self.last_arrival = -math.inf
+
+    def sample(self, seconds: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = seconds, seconds / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - seconds)
+            self.srtt = 0.875 * self.srtt + 0.125 * seconds
+
+    def delivered(self, nbytes: int, sent_at: float, now: float) -> None:
+        """A reply of `nbytes` arrived: the rate is bytes over the time since the source could
+        have started on it (its previous reply, or the request, whichever came later)."""
+        interval = now - max(sent_at, self.last_arrival)
+        self.last_arrival = now
+        if nbytes <= 0 or interval <= 0:
+            return
+        rate = nbytes / interval
+        self.rate_bps = rate if self.rate_bps is None else 0.8 * self.rate_bps + 0.2 * rate
+
+    def timeout(self, floor: float) -> float:
+        if self.srtt is None:
+            return floor
+        return min(max(floor, self.srtt + 4 * self.rttvar), MAX_REQUEST_TIMEOUT_S)
+
+    def patience(self, floor: float) -> float:
+        """How long a request may take before it counts as a straggler (endgame)."""
+        return max(floor / 4, 2 * self.srtt) if self.srtt is not None else floor / 4
+
+
+# --------------------------------------------------------------------------- the transfer
+
+
+@dataclass
+class _Timers:
+    last_flush: float = 0.0
+    next_replan: float = 0.0
+    last_plan_request: float = 0.0
+    retry_plan_at: float = 0.0  # the broker said busy: not before this
+
+
+@dataclass
+class Transfer:
+    name: str
+    settings: TransferSettings
+    started: float
+    known_file_id: bytes | None = None  # a manifest this peer has cached for the name
+    timings: dict[str, SourceTiming] = field(default_factory=dict)  # by endpoint, shared
+    state: TransferState = TransferState.PLANNING
+    manifest: Manifest | None = None
+    download: Download | None = None
+    requests: dict[int, Request] = field(default_factory=dict)  # by id: the same objects as download's
+    registered: bool = False
+    error: ZswarmError | None = None
+    result: GetResult | None = None
+    origin_lanes: int = 1
+    plan_asked: bool = False  # a `get` is out, its answer not yet in
+    plan_was_empty: bool = False
+    stuck_replans: int = 0
+    bytes_fetched: int = 0
+    request_timeouts: int = 0
+    endgame_requests: int = 0
+    _pending_plan: FileInfo | None = None
+    _unflushed: SegmentSet = field(default_factory=SegmentSet)
+    _timers: _Timers = field(default_factory=_Timers)
+    _next_request_id: int = 1
+
+    # ---- inputs: the broker session
+
+    def set_registered(self, registered: bool, now: float) -> list[Command]:
+        self.registered = registered
+        return self.tick(now)
+
+    def on_plan(self, reply: Message, cached: Manifest | None, now: float) -> list[Command]:
+        """The broker's answer to `get`. `cached`: the manifest this peer holds for the reply's
+        file_id, when the broker left the digests out."""
+        self.plan_asked = False
+        if self.state not in (TransferState.PLANNING, TransferState.FETCHING):
+            return []
+        if isinstance(reply, Error):
+            if reply.code == WireCode.NOT_REGISTERED:
+                return []  # re-registration is under way; the plan is asked again once registered
+            if reply.code == WireCode.BUSY:
+                # The broker is rebuilding this file's manifest: ask again in a moment.
+                self._timers.retry_plan_at = now + min(self.settings.replan_interval_s, 0.5)
+                return []
+            return self._fail(RemoteError.from_wire(reply.code, reply.message))
+        if not isinstance(reply, FileInfo):
+            return self._fail(MalformedMessage(f"unexpected reply {reply.OP} to get"))
+        try:
+            manifest = self._manifest_from(reply, cached)
+        except ZswarmError as exc:
+            return self._fail(exc)
+        if self.manifest is not None and manifest.file_id != self.manifest.file_id:
+            return self._fail(TransferError(f"{self.name} changed on the broker during the download; retry"))
+        self.origin_lanes = reply.origin_lanes
+        if self.download is None:
+            if self.manifest is None:
+                self.manifest = manifest
+                self._pending_plan = reply
+                return [Prepare(manifest)]
+            self._pending_plan = reply  # still preparing: the newest plan wins
+            return []
+        self._apply_plan(reply, now)
+        return self.tick(now)
+
+    def on_plan_timeout(self, now: float) -> list[Command]:
+        self.plan_asked = False
+        if self.state is TransferState.PLANNING:
+            return self._fail(
+                BrokerUnavailable(f"the broker did not answer within {self.settings.broker_timeout_s} s")
+            )
+        self._timers.next_replan = now + self.settings.replan_interval_s
+        return []
+
+    # ---- inputs: the store
+
+    def on_prepared(self, held: SegmentSet, now: float) -> list[Command]:
+        if self.state is not TransferState.PLANNING or self.manifest is None:
+            return []
+        self.download = Download(self.manifest.segment_count, held, self.settings.batch_segments)
+        self.state = TransferState.FETCHING
+        self._timers.last_flush = now
+        plan, self._pending_plan = self._pending_plan, None
+        if plan is not None:
+            self._apply_plan(plan, now)
+        return self.tick(now)
+
+    def on_prepare_failed(self, error: ZswarmError, now: float) -> list[Command]:
+        return self._fail(error)
+
+    def on_written(self, source: str, first: int, count: int) -> None:
+        download = self.download
+        if download is None:
+            return
+        download.on_done(source, first, count)
+        self._unflushed.add(first, count)
+        self.stuck_replans = 0  # progress: running out of sources later deserves fresh replans
+
+    def on_write_failed(self, error: ZswarmError, kept: Sequence[Run], source: str) -> list[Command]:
+        """A write failed; `kept`: segments written whole before the error (they are held)."""
+        for first, count in kept:
+            self.on_written(source, first, count)
+        return self._fail(error)
+
+    def on_announced(self, acked: bool, now: float) -> list[Command]:
+        """The final `have` was acknowledged (or not: the broker learns it at registration)."""
+        if self.state is not TransferState.FINISHING or self.manifest is None:
+            return []
+        return [Finish(self.manifest)]
+
+    def on_finished(self, path: Path, now: float) -> list[Command]:
+        if self.state is not TransferState.FINISHING or self.manifest is None or self.download is None:
+            return []
+        self.state = TransferState.DONE
+        download = self.download
+        self.result = GetResult(
+            name=self.manifest.name,
+            path=path,
+            size=self.manifest.size,
+            file_id=self.manifest.file_id.hex(),
+            seconds=now - self.started,
+            sources=download.source_counts(),
+            source_runs=download.source_runs(),
+        )
+        return [Completed(self.result)]
+
+    def on_finish_failed(self, error: ZswarmError, now: float) -> list[Command]:
+        return self._fail(error)
+
+    # ---- inputs: segment replies
+
+    def on_reply(self, request_id: int, reply: Message | MalformedMessage, now: float) -> list[Command]:
+        request = self.requests.pop(request_id, None)
+        download, manifest = self.download, self.manifest
+        if request is None or download is None or manifest is None:
+            return []
+        download.end_request(request)
+        if self.state is not TransferState.FETCHING:
+            return []
+        source, run = request.source, request.run
+        endpoint = self._endpoint(source)
+        timing = self.timings.get(endpoint) if endpoint else None
+        if timing is None and endpoint:
+            timing = self.timings[endpoint] = SourceTiming()
+        if timing is not None:
+            timing.sample(now - request.sent_at)
+        if isinstance(reply, MalformedMessage):
+            download.on_failed(source, *run, timed_out=False)
+            return self._bad(source, [run], BadReason.MALFORMED)
+        if isinstance(reply, Error):
+            if reply.code == WireCode.NOT_HELD:
+                download.on_refused(source, [run])
+                return self._bad(source, [run], BadReason.REFUSED)
+            # busy, internal: the source may serve it later; steer elsewhere, blame nobody.
+            download.on_failed(source, *run, timed_out=reply.code in (WireCode.BUSY, WireCode.INTERNAL))
+            return []
+        if not isinstance(reply, SegmentData):
+            download.on_failed(source, *run, timed_out=False)
+            return self._bad(source, [run], BadReason.MALFORMED)
+        if timing is not None:
+            timing.delivered(len(reply.payload), request.sent_at, now)
+        return self._accept(source, request, reply, manifest, download)
+
+    def _accept(
+        self, source: str, request: Request, reply: SegmentData, manifest: Manifest, download: Download
+    ) -> list[Command]:
+        first, count = request.run
+        if (reply.file_id, reply.first, reply.count) != (manifest.file_id, first, count):
+            download.on_failed(source, first, count, timed_out=False)
+            return self._bad(source, [request.run], BadReason.MISMATCH)
+        missing = SegmentSet(reply.missing)
+        if missing and not SegmentSet([request.run]).covers(*_span(missing)):
+            download.on_failed(source, first, count, timed_out=False)
+            return self._bad(source, [request.run], BadReason.MISSING_OUTSIDE)
+        present = SegmentSet([request.run])
+        present.difference_update(missing)
+        payload = memoryview(reply.payload)
+        if len(payload) != sum(manifest.run_length(f, c) for f, c in present.runs()):
+            download.on_failed(source, first, count, timed_out=False)
+            return self._bad(source, [request.run], BadReason.LENGTH)
+        commands: list[Command] = []
+        if missing:
+            download.on_refused(source, missing.runs())
+            commands += self._bad(source, missing.runs(), BadReason.REFUSED)
+        offset = 0
+        bad: list[Run] = []
+        for run_first, run_count in present.runs():
+            length = manifest.run_length(run_first, run_count)
+            piece = payload[offset : offset + length]
+            offset += length
+            good, failed = manifest.split_verified(run_first, run_count, piece)
+            for sub_first, sub_count in failed:
+                download.on_failed(source, sub_first, sub_count, timed_out=False)
+                bad.append((sub_first, sub_count))
+            for sub_first, sub_count in good:
+                for new_first, new_count in download.not_done_runs(sub_first, sub_count):
+                    start = (new_first - run_first) * manifest.segment_size
+                    data = piece[start : start + manifest.run_length(new_first, new_count)]
+                    self.bytes_fetched += len(data)
+                    commands.append(Write(source, new_first, new_count, data))
+        if bad:
+            commands.append(BadBytes(source, sum(c for _, c in bad)))
+            commands += self._bad(source, bad, BadReason.CHECKSUM)
+        return commands
+
+    # ---- inputs: time, and the user
+
+    def tick(self, now: float) -> list[Command]:
+        """Advance: overall deadline, request timeouts, haves, completion, plans, sending."""
+        state = self.state
+        if state in (TransferState.DONE, TransferState.FAILED, TransferState.FINISHING):
+            return []
+        if now - self.started >= self.settings.timeout_s:
+            return self._fail(TransferError(f"{self.name}: not finished within {self.settings.timeout_s:g} s"))
+        if state is TransferState.PLANNING:
+            if self.manifest is not None:
+                return []  # preparing
+            if not self.registered:
+                if now - self.started >= self.settings.broker_timeout_s:
+                    return self._fail(
+                        BrokerUnavailable(
+                            f"not registered with the broker after {self.settings.broker_timeout_s:g} s: "
+                            "is it running?"
+                        )
+                    )
+                return []
+            if not self.plan_asked and now >= self._timers.retry_plan_at:
+                return self._ask_plan(now)
+            return []
+        download = self.download
+        assert download is not None
+        commands: list[Command] = []
+        for request in [r for r in self.requests.values() if r.deadline <= now]:
+            commands += self._time_out(request, now)
+        settings = self.settings
+        if self._unflushed and now - self._timers.last_flush >= settings.have_flush_interval_s:
+            commands += self._flush(now)
+        if download.complete:
+            return commands + self._finish(now)
+        if download.stuck:
+            commands += self._check_stuck(now)
+            if self.state is not TransferState.FETCHING:
+                return commands
+        if self.registered and not self.plan_asked and self._wants_plan(download, now):
+            commands += self._flush(now) + self._ask_plan(now)
+            self._timers.next_replan = now + settings.replan_interval_s
+        commands += self._pump(download, now)
+        return commands
+
+    def cancel(self, now: float) -> list[Command]:
+        """Stop: give up every request, announce what is written, keep it for a resume."""
+        return self.abort(CancelledTransfer(f"{self.name}: cancelled"), now)
+
+    def abort(self, error: ZswarmError, now: float) -> list[Command]:
+        """Fail with this error (the peer is closing, the user cancelled)."""
+        if self.state in (TransferState.DONE, TransferState.FAILED):
+            return []
+        return self._fail(error)
+
+    def next_deadline(self) -> float | None:
+        """When `tick` must run next at the latest (None: only inputs matter)."""
+        state = self.state
+        if state in (TransferState.DONE, TransferState.FAILED, TransferState.FINISHING):
+            return None
+        deadlines = [self.started + self.settings.timeout_s]
+        if state is TransferState.PLANNING:
+            if self.manifest is None and not self.registered:
+                deadlines.append(self.started + self.settings.broker_timeout_s)
+            if self.manifest is None and self.registered and not self.plan_asked:
+                deadlines.append(self._timers.retry_plan_at)
+            return min(deadlines)
+        download = self.download
+        assert download is not None
+        if self.requests:
+            deadlines.append(min(r.deadline for r in self.requests.values()))
+            if download.in_endgame():
+                deadlines.append(min(r.sent_at + self._patience(r.source) for r in self.requests.values()))
+        if self._unflushed:
+            deadlines.append(self._timers.last_flush + self.settings.have_flush_interval_s)
+        if not self.plan_asked:
+            if self._leans_on_broker(download):
+                deadlines.append(self._timers.next_replan)
+            if self._waits_for_plan(download):
+                deadlines.append(self._timers.last_plan_request + MIN_REPLAN_GAP_S)
+        return min(deadlines)
+
+    def progress(self, now: float) -> Progress:
+        manifest, download = self.manifest, self.download
+        seconds = (self.result.seconds if self.result is not None else now - self.started)
+        done = download.done if download is not None else 0
+        if manifest is None:
+            size = segments = bytes_done = 0
+        else:
+            size, segments = manifest.size, manifest.segment_count
+            bytes_done = min(size, done * manifest.segment_size) if done < segments else size
+        return Progress(
+            name=self.name,
+            state=self.state,
+            size=size,
+            segments=segments,
+            done=done,
+            bytes_done=bytes_done,
+            seconds=seconds,
+            rate_bps=self.bytes_fetched / seconds if seconds > 0 else 0.0,
+            sources=download.source_counts() if download is not None else {},
+            in_flight=len(self.requests),
+            error=str(self.error) if self.error is not None else None,
+        )
+
+    # ---- plans
+
+    def _ask_plan(self, now: float) -> list[Command]:
+        self.plan_asked = True
+        self._timers.last_plan_request = now
+        known = self.manifest.file_id if self.manifest is not None else self.known_file_id
+        return [AskPlan(self.name, known)]
+
+    def _manifest_from(self, reply: FileInfo, cached: Manifest | None) -> Manifest:
+        if reply.digests is None:
+            have = self.manifest if self.manifest is not None else cached
+            if have is None or have.file_id != reply.file_id:
+                raise TransferError("the broker omitted the manifest of a file this peer does not have")
+            return have
+        manifest = Manifest(
+            name=reply.name, size=reply.size, digests=reply.digests, segment_size=reply.segment_size
+        )
+        problem = manifest.consistency_error()
+        if problem or manifest.file_id != reply.file_id:
+            raise IntegrityError(
+                f"the broker sent an inconsistent manifest for {self.name}: {problem or 'file_id mismatch'}"
+            )
+        return manifest
+
+    def _apply_plan(self, reply: FileInfo, now: float) -> None:
+        download = self.download
+        assert download is not None
+        sources = [(s.name, s.endpoint, None if s.runs is None else SegmentSet(s.runs)) for s in reply.sources]
+        queued_before = download.queued()
+        download.replan(sources, list(reply.plan))
+        # A plan that brought work may be followed by the next one at once; one that brought
+        # nothing (everything deferred) waits MIN_REPLAN_GAP_S before asking again.
+        self.plan_was_empty = download.queued() <= queued_before
+        self._timers.next_replan = now + self.settings.replan_interval_s
+
+    def _wants_plan(self, download: Download, now: float) -> bool:
+        if self.plan_was_empty and now - self._timers.last_plan_request < MIN_REPLAN_GAP_S:
+            return False
+        if now >= self._timers.next_replan and self._leans_on_broker(download):
+            return True  # peers may have gained what the broker is serving us
+        idle = not download.sources_with_work() and download.pending == 0
+        low_water = self.settings.batch_segments * self.settings.lanes_per_source
+        return idle or download.wants_plan(low_water)
+
+    @staticmethod
+    def _leans_on_broker(download: Download) -> bool:
+        broker = download.sources.get(BROKER)
+        return broker is not None and bool(broker.queue)
+
+    @staticmethod
+    def _waits_for_plan(download: Download) -> bool:
+        """Nothing to fetch until the broker plans again (deferred segments only)."""
+        return not download.complete and download.pending == 0 and not download.sources_with_work()
+
+    def _check_stuck(self, now: float) -> list[Command]:
+        download = self.download
+        assert download is not None
+        if self.plan_asked:
+            return []
+        if self.stuck_replans < STUCK_REPLANS and self.registered:
+            # Sources ran out: a fresh plan may know new holders (or a restarted broker).
+            self.stuck_replans += 1
+            download.stuck.clear()
+            return self._ask_plan(now)
+        if self.stuck_replans < STUCK_REPLANS:
+            return []  # not registered: the plan is asked once the session is back
+        return self._fail(
+            NoSourceLeft(f"{self.name}: {len(download.stuck)} segments have no live source left; retry later")
+        )
+
+    # ---- sending
+
+    def _endpoint(self, source: str) -> str | None:
+        download = self.download
+        state = download.sources.get(source) if download is not None else None
+        return state.endpoint if state is not None else None
+
+    def _pump(self, download: Download, now: float) -> list[Command]:
+        assert self.manifest is not None
+        file_id = self.manifest.file_id
+        commands: list[Command] = []
+        for source_name in download.sources_with_work():
+            source = download.sources[source_name]
+            limit = self.origin_lanes if source_name == BROKER else self.settings.lanes_per_source
+            while source.in_flight < limit:
+                run = download.take(source_name)
+                if run is None:
+                    break
+                commands.append(self._send(download, source.endpoint, now, file_id))
+        if download.in_endgame():
+            # Stragglers: runs in flight for twice their source's usual reply time (at least a
+            # quarter of the request timeout).
+            stragglers = [
+                (r.source, r.run)
+                for r in self.requests.values()
+                if now - r.sent_at >= self._patience(r.source)
+            ]
+            for source_name, source in list(download.sources.items()) if stragglers else ():
+                if download.take_endgame(source_name, stragglers) is None:
+                    continue
+                self.endgame_requests += 1
+                commands.append(self._send(download, source.endpoint, now, file_id))
+        return commands
+
+    def _send(self, download: Download, endpoint: str, now: float, file_id: bytes) -> SendRequest:
+        request = download.last_request
+        assert request is not None
+        request.id = self._next_request_id
+        self._next_request_id += 1
+        request.sent_at = now
+        request.deadline = now + self._timeout_for(request.source, endpoint)
+        self.requests[request.id] = request
+        return SendRequest(request, endpoint, file_id)
+
+    def _timeout_for(self, source: str, endpoint: str) -> float:
+        # The origin is the last resort and often the busiest source: giving up on a slow reply
+        # only makes it send the same run twice, so it gets four times the floor.
+        floor = self.settings.request_timeout_s * (ORIGIN_PATIENCE if source == BROKER else 1)
+        timing = self.timings.get(endpoint)
+        return timing.timeout(floor) if timing is not None else floor
+
+    def _patience(self, source: str) -> float:
+        endpoint = self._endpoint(source)
+        timing = self.timings.get(endpoint) if endpoint else None
+        floor = self.settings.request_timeout_s
+        return timing.patience(floor) if timing is not None else floor / 4
+
+    def _time_out(self, request: Request, now: float) -> list[Command]:
+        download = self.download
+        assert download is not None
+        del self.requests[request.id]
+        download.end_request(request)
+        download.on_failed(request.source, *request.run, timed_out=True)
+        self.request_timeouts += 1
+        return [
+            AbandonRequest(request.id),
+            RequestTimedOut(request.source, request.run, now - request.sent_at),
+        ]
+
+    # ---- announcing, finishing, failing
+
+    def _flush(self, now: float, final: bool = False) -> list[Command]:
+        self._timers.last_flush = now
+        runs = tuple(self._unflushed.runs())
+        self._unflushed = SegmentSet()
+        if (not runs and not final) or self.manifest is None:
+            return []
+        return [Announce(self.manifest.file_id, runs, final)]
+
+    def _finish(self, now: float) -> list[Command]:
+        self.state = TransferState.FINISHING
+        commands = self._abandon_all()
+        return commands + self._flush(now, final=True)
+
+    def _abandon_all(self) -> list[Command]:
+        download = self.download
+        commands: list[Command] = []
+        for request in list(self.requests.values()):
+            if download is not None:
+                download.end_request(request)
+            commands.append(AbandonRequest(request.id))
+        self.requests.clear()
+        return commands
+
+    def _fail(self, error: ZswarmError) -> list[Command]:
+        if self.state in (TransferState.DONE, TransferState.FAILED):
+            return []
+        self.state = TransferState.FAILED
+        self.error = error
+        commands = self._abandon_all()
+        runs = tuple(self._unflushed.runs())
+        self._unflushed = SegmentSet()
+        if runs and self.manifest is not None:
+            commands.append(Announce(self.manifest.file_id, runs))
+        commands.append(Failed(error))
+        return commands
+
+    def _bad(self, source: str, runs: list[Run], reason: BadReason) -> list[Command]:
+        if source == BROKER or not runs or self.manifest is None:
+            return []
+        return [ReportBad(self.manifest.file_id, source, tuple(runs), reason)]
+
+
+def _span(runs: SegmentSet) -> Run:
+    """The smallest single run containing every run of the set."""
+    all_runs = runs.runs()
+    first = all_runs[0][0]
+    return first, all_runs[-1][0] + all_runs[-1][1] - first
