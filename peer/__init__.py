@@ -1,6 +1,6 @@
 """A zswarm peer: downloads verified segments from the swarm and serves what it holds."""
 
-from peer.agent import GetFuture
+from peer.driver import GetFuture
 from peer.config import PeerConfig
 from peer.service import Peer
 from peer.transfer import GetResult, Progress

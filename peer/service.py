@@ -22,7 +22,8 @@ from common.protocol import FileEntry, Files, Stats
 from common.segserver import SegmentServer
 from common.subscription import Closed
 from common.transport import Transport, endpoint
-from peer.agent import Agent, GetFuture
+from peer.agent import Agent
+from peer.driver import GetFuture
 from peer.config import PeerConfig
 from peer.store import Store
 from peer.transfer import GetResult, Progress
@@ -131,9 +132,9 @@ class Peer(Node):
 
         def cancel() -> None:
             if agent.alive:
-                agent.call(lambda: agent.cancel_get(name))
+                agent.call(lambda: agent.api_cancel_get(name))
 
-        return agent.call(lambda: agent.start_get(name, timeout, cancel)).result(5.0)
+        return agent.call(lambda: agent.api_start_get(name, timeout, cancel)).result(5.0)
 
     def get(
         self, name: str, timeout: float = _DEFAULT_GET_TIMEOUT_S, progress: ProgressFn | None = None
