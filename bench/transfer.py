@@ -67,7 +67,7 @@ PRIME = True  # write and delete a ballast file before each timed run (bench/_ut
 VARIANTS: list[tuple[str, tuple[str, ...], dict[str, Any], dict[str, Any]]] = [
     ("batch 256, block 64 (default block)", ("broker", "seed"), {}, {"batch_segments": 256}),
     ("batch 256, block 256", ("broker", "seed"), {"plan_block_segments": 256}, {"batch_segments": 256}),
-    ("no origin claims (origin_window_blocks 0)", ("broker",), {"origin_window_blocks": 0}, {}),
+    ("no relay trees (origin_only policy)", ("broker",), {"plan_policy": "origin_only"}, {}),
 ]
 
 

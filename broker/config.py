@@ -37,13 +37,13 @@ class BrokerConfig(ConfigModel):
     plan_policy: Literal["swarm", "origin_only"] = "swarm"
     plan_block_segments: int = Field(default=64, ge=1, le=1024)
     origin_lanes: int = Field(default=2, ge=1, le=64)  # concurrent origin requests per downloader
-    # Super-seeding: blocks of one file the origin may be serving to its downloaders at once,
-    # split among them (see broker/planner.py); a block one downloader is fetching from the
-    # origin is deferred for the others, who get it from that downloader later.
-    # 0: no claims (every downloader gets from the origin every block no peer has).
-    origin_window_blocks: int = Field(default=32, ge=0, le=1 << 20)
-    # A claim lapses when its downloader reports no progress on the file for this long.
-    origin_claim_idle_s: float = Field(default=2.0, gt=0.0, le=DAY_S)
+    # Relay trees (broker/planner.py, step 6): what no peer holds yet flows from the origin
+    # through one tree per stripe of the file over its active downloaders, each node passing
+    # it on to at most this many others. Larger: shallower trees, more load per inner node.
+    relay_fanout: int = Field(default=4, ge=1, le=64)
+    # A downloader that neither asks for a plan nor reports progress for this long leaves the
+    # relay trees (it stalled, or was stopped without saying so).
+    download_idle_s: float = Field(default=2.0, gt=0.0, le=DAY_S)
     strike_limit: int = Field(default=3, ge=1, le=1000)  # bad-bytes reports before a peer is benched
     bench_s: float = Field(default=30.0, ge=0.0, le=DAY_S)
     upload_limit_mib_s: float = Field(default=0.0, ge=0.0, le=MAX_UPLOAD_MIB_S)  # cap on upload; 0: none

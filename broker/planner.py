@@ -15,13 +15,15 @@ Steps
 5. Blocks are ordered rarest first; among equally rare blocks the order is rotated by `rotate`
    (different for each downloader of a file), so early downloaders of a new file fetch different
    blocks from the broker and can trade them at once.
-6. Origin claims (super-seeding): a block only the broker has goes to at most one downloader at
-   a time. A block claimed by another live downloader is deferred (left out of the plan: the
-   downloader asks again when it runs out of work, and by then the claimant holds it and serves
-   it as a peer); a downloader claims at most `origin_window` blocks at once (`origin_share`: the
-   per-file budget split among the downloaders claiming, never more than an eighth of the file,
-   never fewer than the lanes to the origin). So a crowd of new downloaders makes the origin
-   upload each block about once, and they trade the rest.
+6. Relay trees for what no holder has yet. A file's new content is cut into `stripes` (block
+   number mod stripes). For each stripe, the file's active downloaders form a tree of fan-out
+   `fanout` (SplitStream): the root fetches the stripe's blocks from the origin, every other
+   downloader from its parent, which may not hold them yet: its segment server holds such a
+   request until the segments arrive (cut-through). Each downloader is an inner node of one
+   stripe's tree only, so every uplink carries about one copy of the file and the origin sends
+   each block once, whatever the number of downloaders; the depth grows as log(fanout, N).
+   Tree blocks are fetched in ascending order, so parents fetch what their children ask next.
+   A root asks a downloader that already holds a block before asking the origin.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from broker.registry import Holder
 from common.ranges import Run, SegmentSet
 
 BROKER_SOURCE = "broker"
+_BROKER_SENTINEL = 1 << 30
 MAX_PARTIAL_HOLDERS = 32
 
 
@@ -48,8 +51,7 @@ class PlannedSource:
 class Plan:
     sources: tuple[PlannedSource, ...]
     entries: tuple[tuple[int, int, int], ...]  # (first, count, source index), in fetch order
-    claimed: tuple[int, ...] = ()  # broker-only blocks this plan claims for the requester
-    deferred: int = 0  # segments left out because another downloader is fetching them from the origin
+    relayed: int = 0  # segments planned from a relay-tree parent that may not hold them yet
 
     def segments_by_source(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -59,6 +61,46 @@ class Plan:
         return counts
 
 
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """The requester's place in the relay trees of a file (step 6).
+
+    `parents[s]`: the downloader it fetches stripe s from, or None where it is the root (it asks
+    a downloader that holds the block, else the origin). `downloaders`: the other active
+    downloaders, whose holdings a root may use."""
+
+    stripes: int
+    parents: tuple[Holder | None, ...]
+    downloaders: tuple[Holder, ...]
+
+
+def relay_for(downloaders: list[tuple[int, Holder]], requester: str, fanout: int) -> Relay | None:
+    """The requester's parent in each stripe's tree. `downloaders`: (join position, holder) of
+    the file's active downloaders, requester included.
+
+    A downloader's class is its join position modulo `fanout`. Stripe s's tree is a heap of
+    fan-out `fanout` (node k's parent is node (k - 1) // fanout) over the downloaders ordered
+    class s first, then the others, each group in join order. About one in `fanout` nodes of
+    a heap has children, so the inner nodes of stripe s are the downloaders of class s: each
+    downloader relays one stripe to about `fanout` others, one copy of the file in all, and the
+    depth is log(fanout, N). A newcomer appends a leaf in every stripe but its class's, where
+    it moves the leaves by one place: the plans it changes are refreshed at the next replan."""
+    me = next((h for _, h in downloaders if h.name == requester), None)
+    if me is None:
+        return None
+    # Fewer downloaders than stripes: as many stripes as downloaders, so that no stripe is
+    # without an inner node of its own.
+    width = max(1, min(fanout, len(downloaders)))
+    parents: list[Holder | None] = []
+    for stripe in range(width):
+        order = [h for pos, h in downloaders if pos % width == stripe]
+        order += [h for pos, h in downloaders if pos % width != stripe]
+        place = next(i for i, h in enumerate(order) if h is me)
+        parents.append(order[(place - 1) // width] if place else None)
+    others = tuple(h for _, h in downloaders if h is not me)
+    return Relay(width, tuple(parents), others)
+
+
 def plan_download(
     segment_count: int,
     need: SegmentSet,
@@ -66,12 +108,10 @@ def plan_download(
     origin_endpoint: str,
     block: int = 64,
     rotate: int = 0,
-    claims: dict[int, str] | None = None,
-    requester: str | None = None,
-    origin_window: int = 0,
+    relay: Relay | None = None,
 ) -> Plan:
-    """`claims`: broker-only block -> live downloader fetching it from the origin now.
-    `origin_window`: the most blocks the requester may have claimed (0: no claims, no deferral)."""
+    """`holders`: peers to plan from by what they hold (complete copies, idle partial copies).
+    `relay`: the requester's relay trees for what none of them holds (None: the origin)."""
     # A holder's load from other downloads counts up to its fair share of this one: enough to
     # steer blocks to idle holders, never enough to leave one holder with the whole download.
     fair = len(need) / max(len(holders), 1)
@@ -82,7 +122,7 @@ def plan_download(
     # others stay listed as sources, for fallbacks).
     partial = sorted((i for i in range(len(holders)) if i not in complete_set), key=lambda i: loads[i])
     partial = partial[:MAX_PARTIAL_HOLDERS]
-    broker_index = len(holders)
+    broker_index = _BROKER_SENTINEL  # its place in `sources` is known only at the end
     assigned = [0.0] * len(holders)
     heap = [(loads[i], i) for i in complete]
     heapq.heapify(heap)
@@ -94,6 +134,62 @@ def plan_download(
     def add(first: int, count: int, source: int, availability: int) -> None:
         order = (first // block - rotate) % block_total
         blocks.append((availability, order, first, count, source))
+
+    # Relay sources follow the holders in the source list; the broker comes last.
+    relay_sources: list[Holder] = []
+    relay_index: dict[str, int] = {}
+    promised: dict[str, SegmentSet] = {}
+    relayed = 0
+
+    def relay_source(h: Holder) -> int:
+        if h.name not in relay_index:
+            relay_index[h.name] = len(holders) + len(relay_sources)
+            relay_sources.append(h)
+            promised[h.name] = h.segments.copy()
+        return relay_index[h.name]
+
+    def relay_block(first: int, count: int, number: int) -> int:
+        """Plan a run no holder has from the relay tree; returns the segments given to a parent."""
+        assert relay is not None
+        parent = relay.parents[number % relay.stripes]
+        if parent is not None:
+            index = relay_source(parent)
+            promised[parent.name].add(first, count)
+            tree(first, count, index)
+            return count
+        # The root: what another downloader holds already comes from it, the rest from the origin.
+        relayed_here = 0
+        pos, end = first, first + count
+        while pos < end:
+            best: Holder | None = None
+            best_len, next_held = 0, end
+            for h in relay.downloaders:
+                runs = h.segments.intersect_run(pos, end - pos)
+                if not runs:
+                    continue
+                run_first, run_count = runs[0]
+                if run_first == pos and (run_count > best_len or (run_count == best_len and best is not None and h.load < best.load)):
+                    best, best_len = h, run_count
+                next_held = min(next_held, run_first)
+            if best is None:
+                tree(pos, next_held - pos, broker_index)
+                pos = next_held
+                continue
+            tree(pos, best_len, relay_source(best))
+            relayed_here += best_len
+            pos += best_len
+        return relayed_here
+
+    def add_or_relay(first: int, count: int, source: int, availability: int) -> None:
+        nonlocal relayed
+        if source == broker_index and relay is not None:
+            relayed += relay_block(first, count, first // block)
+        else:
+            add(first, count, source, availability)
+
+    def tree(first: int, count: int, source: int) -> None:
+        # Ascending block order (no rotation): parents fetch first what children ask first.
+        blocks.append((0, first // block, first, count, source))
 
     full, touched = _block_index(holders, partial, block, segment_count)
     for run_first, run_count in need.runs():
@@ -124,72 +220,36 @@ def plan_download(
             if best >= 0:
                 add(pos, n, best, availability)
             elif overlapping:
-                _plan_segments(pos, n, holders, loads, overlapping, assigned, broker_index, add)
+                _plan_segments(pos, n, holders, loads, overlapping, assigned, broker_index, add_or_relay)
+            elif relay is not None:
+                relayed += relay_block(pos, n, number)
             else:
                 add(pos, n, broker_index, 0)  # nobody has any of it: one run from the origin
             pos = stop
 
     blocks.sort()
-    claimed: list[int] = []
-    deferred = 0
-    if origin_window > 0 and requester is not None:
-        blocks, claimed, deferred = _apply_claims(
-            blocks, broker_index, block, claims or {}, requester, origin_window
-        )
     sources = (
         *tuple(
             PlannedSource(h.name, h.endpoint, None if i in complete_set else tuple(h.segments.runs()))
             for i, h in enumerate(holders)
         ),
+        *tuple(
+            # A relay parent is listed with what it holds plus what it relays to this
+            # requester: never as a complete copy unless it holds the whole file.
+            PlannedSource(
+                h.name,
+                h.endpoint,
+                None if h.segments.covers(0, segment_count) else tuple(promised[h.name].runs()),
+            )
+            for h in relay_sources
+        ),
         PlannedSource(BROKER_SOURCE, origin_endpoint, None),
     )
-    entries = tuple((first, count, source) for _, _, first, count, source in blocks)
-    return Plan(sources, entries, tuple(claimed), deferred)
-
-
-def origin_share(budget: int, lanes: int, claims: dict[int, str], requester: str, block_total: int) -> int:
-    """How many broker-only blocks the requester may have claimed at once.
-
-    The eighth-of-a-file cap is for the first comer: it cannot know that others will ask a
-    moment later, and must not claim a whole small file before they do.
-    """
-    if budget <= 0:
-        return 0
-    claimants = set(claims.values()) | {requester}
-    return max(lanes, min(budget // len(claimants), -(-block_total // 8)))
-
-
-def _apply_claims(
-    blocks: list[tuple[int, int, int, int, int]],
-    broker_index: int,
-    block: int,
-    claims: dict[int, str],
-    requester: str,
-    window: int,
-) -> tuple[list[tuple[int, int, int, int, int]], list[int], int]:
-    """Keep the broker entries of blocks the requester has or may claim; defer the others."""
-    # Only claims on blocks the requester still needs from the broker fill its window: a block
-    # it has finished no longer counts, even before the claim itself is cleaned up.
-    still_needed = {entry[2] // block for entry in blocks if entry[4] == broker_index}
-    mine = {b for b, who in claims.items() if who == requester and b in still_needed}
-    kept: list[tuple[int, int, int, int, int]] = []
-    claimed: list[int] = []
-    deferred = 0
-    for entry in blocks:
-        if entry[4] != broker_index:
-            kept.append(entry)
-            continue
-        number = entry[2] // block
-        owner = claims.get(number)
-        if owner == requester or number in claimed:
-            kept.append(entry)
-        elif owner is None and len(mine) < window:
-            mine.add(number)
-            claimed.append(number)
-            kept.append(entry)
-        else:
-            deferred += entry[3]
-    return kept, claimed, deferred
+    broker_final = len(sources) - 1
+    entries = tuple(
+        (first, count, broker_final if source == broker_index else source) for _, _, first, count, source in blocks
+    )
+    return Plan(sources, entries, relayed)
 
 
 def _block_index(

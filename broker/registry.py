@@ -16,6 +16,12 @@ A peer that serves bytes failing verification, or refuses segments it claimed, i
 `report_bad`: its claim on those segments is dropped at once, and after `strike_limit` reports
 within `strike_window_s` it is benched (never offered as a source) for `bench_s`; the reason is
 kept for stats and logs.
+
+Active downloads: a peer that asks for a file's plan, or reports progress on it, is one of the
+file's active downloaders until it holds the whole file, leaves, or goes quiet on it for
+`idle_s`. Each gets a join position the first time, kept while it stays active: the relay trees
+(broker/planner.py, step 6) are built over the active downloaders in that order, so they change
+little as downloaders come and go.
 """
 
 from __future__ import annotations
@@ -70,9 +76,8 @@ class Registry:
         self._by_file: dict[bytes, dict[str, SegmentSet]] = {}
         self._expiry_heap: list[tuple[float, str]] = []
         self.evicted_total = 0
-        # file_id -> block -> downloader fetching it from the origin; (peer, file_id) -> last have
-        self._origin_claims: dict[bytes, dict[int, str]] = {}
-        self._last_progress: dict[tuple[str, bytes], float] = {}
+        # file_id -> downloader -> (join position, last sign of activity)
+        self._active: dict[bytes, dict[str, tuple[int, float]]] = {}
 
     # ---- membership
 
@@ -89,7 +94,6 @@ class Registry:
         replaced = old is not None
         if old is not None:
             self.remove(name)
-        self._release_claims(name)
         record = PeerRecord(name, routing_id, endpoint, now, now)
         if old is not None:  # a re-registering peer keeps its strikes: restarting must not clear them
             record.strikes, record.benched_until = old.strikes, old.benched_until
@@ -105,13 +109,15 @@ class Registry:
         heapq.heappush(self._expiry_heap, (record.heap_deadline, name))
         return replaced
 
-    def _release_claims(self, name: str) -> None:
-        for key in [k for k in self._last_progress if k[0] == name]:
-            del self._last_progress[key]
+    def _forget_downloads(self, name: str) -> None:
+        for file_id in [f for f, active in self._active.items() if name in active]:
+            del self._active[file_id][name]
+            if not self._active[file_id]:
+                del self._active[file_id]
 
     def remove(self, name: str) -> bool:
         record = self.peers.pop(name, None)
-        self._release_claims(name)
+        self._forget_downloads(name)
         if record is None:
             return False
         if self._by_routing.get(record.routing_id) == name:
@@ -179,9 +185,7 @@ class Registry:
 
     def forget_file(self, file_id: bytes) -> None:
         """Drop every claim on a file version the broker no longer serves."""
-        self._origin_claims.pop(file_id, None)
-        for key in [k for k in self._last_progress if k[1] == file_id]:
-            del self._last_progress[key]
+        self._active.pop(file_id, None)
         for name in self._by_file.pop(file_id, {}):
             record = self.peers.get(name)
             if record is not None:
@@ -202,31 +206,54 @@ class Registry:
             out.append(Holder(name, record.endpoint, held, self.load_of(record, now)))
         return out
 
-    # ---- origin claims (see broker/planner.py, step 6)
+    # ---- active downloads (the relay trees of broker/planner.py, step 6)
 
-    def origin_claims(self, file_id: bytes, now: float, idle_s: float) -> dict[int, str]:
-        """Claims on a file's broker-only blocks that still stand: the claimant is alive and has
-        reported progress on the file within `idle_s` (a stalled or failed download releases its
-        claims, without any message). Claims that no longer stand are dropped."""
-        claims = self._origin_claims.get(file_id)
-        if not claims:
-            return {}
-        for number, who in list(claims.items()):
-            last = self._last_progress.get((who, file_id))
-            if who not in self.peers or last is None or now - last > idle_s:
-                del claims[number]
-        return dict(claims)
-
-    def claim_origin_blocks(self, file_id: bytes, name: str, blocks: Iterable[int], now: float) -> None:
-        claims = self._origin_claims.setdefault(file_id, {})
-        for number in blocks:
-            claims[number] = name
-        key = (name, file_id)
-        self._last_progress[key] = max(self._last_progress.get(key, now), now)
+    def note_active(self, name: str, file_id: bytes, now: float) -> None:
+        """The peer is downloading this file (it asked for a plan, or reported progress)."""
+        if name not in self.peers:
+            return
+        active = self._active.setdefault(file_id, {})
+        entry = active.get(name)
+        if entry is None:
+            # The lowest free position: rows stay full, and a position freed by a downloader
+            # that left is taken by the next to join.
+            taken = {position for position, _ in active.values()}
+            position = next(p for p in range(len(taken) + 1) if p not in taken)
+            active[name] = (position, now)
+        else:
+            active[name] = (entry[0], now)
 
     def note_progress(self, name: str, file_id: bytes, now: float) -> None:
-        if (name, file_id) in self._last_progress or name in self.peers:
-            self._last_progress[(name, file_id)] = now
+        """A `have`: progress on a download keeps its downloader active (never starts one)."""
+        entry = self._active.get(file_id, {}).get(name)
+        if entry is not None:
+            self._active[file_id][name] = (entry[0], now)
+
+    def downloaders(
+        self, file_id: bytes, segment_count: int, now: float, idle_s: float
+    ) -> list[tuple[int, Holder]]:
+        """The file's active downloaders as (join position, holder), in join order: alive, not
+        benched, and heard from within `idle_s`, or done (a complete copy stays in its place
+        for as long as its peer lives: it serves everything it was to relay, at once). Those no
+        longer active are forgotten."""
+        active = self._active.get(file_id)
+        if not active:
+            return []
+        out: list[tuple[int, Holder]] = []
+        for name, (position, last) in list(active.items()):
+            record = self.peers.get(name)
+            held = record.holdings.get(file_id) if record is not None else None
+            complete = held is not None and held.covers(0, segment_count)
+            if record is None or (now - last > idle_s and not complete):
+                del active[name]
+                continue
+            if record.benched_until > now:
+                continue
+            holder = Holder(name, record.endpoint, held.copy() if held else SegmentSet(), self.load_of(record, now))
+            out.append((position, holder))
+        if not active:
+            del self._active[file_id]
+        return sorted(out, key=lambda item: item[0])
 
     # ---- load and misbehaviour
 

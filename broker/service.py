@@ -86,8 +86,8 @@ class TrackerService(ServiceThread):
             plan_policy=config.plan_policy,
             plan_block_segments=config.plan_block_segments,
             origin_lanes=config.origin_lanes,
-            origin_window_blocks=config.origin_window_blocks,
-            origin_claim_idle_s=config.origin_claim_idle_s,
+            relay_fanout=config.relay_fanout,
+            download_idle_s=config.download_idle_s,
             strike_limit=config.strike_limit,
             bench_s=config.bench_s,
         )

@@ -9,9 +9,9 @@ manifest is being rebuilt), several when a rebuild finishes and the waiting GETs
 Heartbeats come in through `on_heartbeat`; `tick(now)` evicts silent peers and answers GETs that
 waited too long; `next_deadline()` tells the shell how long it may sleep.
 
-Behind it: the `Registry` (who is alive and holds what, load, strikes, origin claims) and the
+Behind it: the `Registry` (who is alive and holds what, load, strikes, active downloads) and the
 planner (`plan_download`: which source serves which block); this object composes them into a
-GET's answer (candidates, spread over the file, clipping, claims). The catalog is consulted
+GET's answer (candidates, relay trees, spread over the file). The catalog is consulted
 through lookups only; files are hashed by the catalog worker on its own thread, whose results
 arrive as `on_catalog_change` (so no request ever waits for a disk).
 
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from broker.planner import MAX_PARTIAL_HOLDERS, origin_share, plan_download
+from broker.planner import MAX_PARTIAL_HOLDERS, plan_download, relay_for
 from broker.registry import Holder, Registry
 from common import protocol
 from common.errors import WireCode
@@ -116,8 +116,8 @@ class TrackerSettings:
     plan_policy: str = "swarm"
     plan_block_segments: int = 64
     origin_lanes: int = 2
-    origin_window_blocks: int = 32
-    origin_claim_idle_s: float = 2.0
+    relay_fanout: int = 4
+    download_idle_s: float = 2.0
     strike_limit: int = 3
     bench_s: float = 30.0
 
@@ -165,8 +165,8 @@ class TrackerMetrics:
         self.segments_planned = metrics.counter(
             "segments_planned_total", "segments planned, by kind of source", ("source",)
         )
-        self.segments_deferred = metrics.counter(
-            "segments_deferred_total", "segments left out of plans by origin claims (super-seeding)"
+        self.segments_relayed = metrics.counter(
+            "segments_relayed_total", "segments planned from a relay-tree parent not yet holding them"
         )
         self.evicted = metrics.counter("peers_evicted_total", "peers dropped after their heartbeats stopped")
         self.live = metrics.gauge("live_peers", "peers registered and alive")
@@ -320,35 +320,36 @@ class Tracker:
             return Error(request.rid, WireCode.NOT_FOUND, f"no file named {request.name!r}")
         manifest = entry.manifest
         s = self.settings
-        need = SegmentSet.full(manifest.segment_count)
+        file_id, segments = manifest.file_id, manifest.segment_count
+        need = SegmentSet.full(segments)
         if peer is not None:
-            need.difference_update(self.registry.holdings_of(peer, manifest.file_id))
-        nth = self.get_counts[manifest.file_id] = self.get_counts.get(manifest.file_id, 0) + 1
-        claims = self.registry.origin_claims(manifest.file_id, now, s.origin_claim_idle_s)
+            need.difference_update(self.registry.holdings_of(peer, file_id))
+        nth = self.get_counts[file_id] = self.get_counts.get(file_id, 0) + 1
+        relay = None
+        holders: list[Holder] = []
+        if s.plan_policy == "swarm":
+            if peer is not None and need:
+                self.registry.note_active(peer, file_id, now)
+            downloaders = self.registry.downloaders(file_id, segments, now, s.download_idle_s)
+            relay = relay_for(downloaders, peer, s.relay_fanout) if peer is not None else None
+            busy = {h.name for _, h in downloaders if not h.segments.covers(0, segments)}
+            # Active downloaders serve through the relay trees; the holders planned by what
+            # they hold are the others (complete copies, and partial ones no longer growing).
+            holders = [h for h in self._candidates(manifest, now, peer) if h.name not in busy]
         plan = plan_download(
-            manifest.segment_count,
+            segments,
             need,
-            self._candidates(manifest, now, peer),
+            holders,
             s.origin_endpoint,
             block=s.plan_block_segments,
-            rotate=_spread(nth, manifest.segment_count, s.plan_block_segments),
-            claims=claims,
-            requester=peer,
-            origin_window=origin_share(
-                s.origin_window_blocks if s.plan_policy == "swarm" else 0,
-                s.origin_lanes,
-                claims,
-                peer or "",
-                -(-manifest.segment_count // s.plan_block_segments),
-            ),
+            rotate=_spread(nth, segments, s.plan_block_segments),
+            relay=relay,
         )
-        if plan.claimed and peer is not None:
-            self.registry.claim_origin_blocks(manifest.file_id, peer, plan.claimed, now)
-        if plan.deferred:
-            self.m.segments_deferred.inc(plan.deferred)
         for name, count in plan.segments_by_source().items():
             self.registry.note_planned(name, count, now)
             self.m.segments_planned.inc(count, labels=("broker" if name == "broker" else "peer",))
+        if plan.relayed:
+            self.m.segments_relayed.inc(plan.relayed)
         return FileInfo(
             rid=request.rid,
             name=manifest.name,
@@ -462,7 +463,7 @@ class Tracker:
             "files": len(self.catalog.entries()),
             "requests": requests,
             "evicted": self.registry.evicted_total,
-            "segments_deferred": int(snap.get("segments_deferred_total")),
+            "segments_relayed": int(snap.get("segments_relayed_total")),
             "benched": list(self.bench_log),
             "metrics": snap.flat(),
         }

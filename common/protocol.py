@@ -31,7 +31,7 @@ from common.errors import MalformedMessage
 from common.manifest import DIGEST_SIZE, SEGMENT_SIZE, check_name
 from common.ranges import Run
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 MAX_SEGMENTS = 1 << 26  # 1 TiB files
 MAX_FILE_SIZE = MAX_SEGMENTS * SEGMENT_SIZE
@@ -561,12 +561,15 @@ class SegmentRequest(Message):
 
 @dataclass(frozen=True, slots=True)
 class SegmentData(Message):
-    """Segments [first, first + count) less `missing`, concatenated in order, in the payload frame."""
+    """Segments [first, first + count) less `missing` and `later`, concatenated in order, in the
+    payload frame. `missing`: the server does not hold them. `later`: it is fetching them (a
+    relay-tree parent): ask again, nobody is to blame."""
 
     file_id: bytes
     first: int
     count: int
     missing: tuple[Run, ...]
+    later: tuple[Run, ...] = ()
     payload: bytes | memoryview = b""
     OP = "data"
     SCHEMA = {
@@ -574,6 +577,7 @@ class SegmentData(Message):
         "first": SEGMENT_INDEX,
         "count": RUN_COUNT,
         "missing": Runs(MAX_RUN_SEGMENTS, MAX_RUN_SEGMENTS),
+        "later": Runs(MAX_RUN_SEGMENTS, MAX_RUN_SEGMENTS),
     }
     PAYLOAD = True
 

@@ -28,6 +28,10 @@ from common.transport import Transport
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_FRAME = 4096  # a segment request header is ~60 bytes
+# A request for segments the server is fetching itself (a relay-tree parent) waits at most this
+# long for them, then is answered with what is there and `later` for the rest: well inside the
+# downloader's shortest timeout (request_timeout_s, 2 s by default).
+PARK_MAX_S = 1.0
 _BATCH = 64  # requests handled per wake-up before polling again
 
 
@@ -161,7 +165,7 @@ class SegmentServer(ServiceThread):
             return Error(0, WireCode.NOT_HELD, "none of these segments is held")
         self._segments.inc(request.count - missing_count)
         self._bytes.inc(len(payload))
-        return SegmentData(request.file_id, request.first, request.count, tuple(missing), payload)
+        return SegmentData(request.file_id, request.first, request.count, tuple(missing), payload=payload)
 
     def _send(self, sock: zmq.Socket[Any], envelope: list[bytes], reply: SegmentData | Error) -> None:
         frames: list[Any] = [*envelope, *protocol.encode(reply)]

@@ -109,9 +109,8 @@ class Agent(ServiceThread, PeerDriver):
     # ---- the loop
 
     def next_timeout_ms(self, now: float) -> int:
-        deadline = self.next_deadline()
-        # A deadline already past was acted on by the last tick: counting it would spin.
-        wait = deadline - now if deadline is not None and deadline > now else 1.0
+        deadline = self.next_deadline(now)
+        wait = deadline - now if deadline is not None else 1.0
         return max(0, min(1000, int(wait * 1000) + 1))
 
     def run_once(self, timeout_ms: int) -> None:

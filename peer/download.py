@@ -42,6 +42,7 @@ BROKER = "broker"
 LOCAL = "local"  # segments held before the download started
 _MISSING_RUN = re.compile(b"\\x00+")  # SegmentState.MISSING
 _NOT_DONE_RUN = re.compile(b"[\\x00\\x01]+")  # MISSING or PENDING
+_PENDING_RUN = re.compile(b"\\x01+")
 _PENDING_BYTE = b"\x01"
 _DONE_BYTE = b"\x02"
 # Byte maps that add or take one from every count of a slice at C speed (saturating).
@@ -144,6 +145,7 @@ class Download:
         self.outstanding = bytearray(segment_count)  # requests in flight covering each segment
         self.stuck: list[int] = []
         self.last_request: Request | None = None  # the one `take` made last
+        self.later_since: dict[tuple[str, int], float] = {}  # (source, first segment) -> first `later`
         for first, count in held.runs():
             self.state[first : first + count] = _DONE_BYTE * count
             self.done += count
@@ -388,6 +390,43 @@ class Download:
         if source is not None and source.holds is not None:
             for first, count in runs:
                 source.holds.remove(first, count)
+
+    def on_later(self, source_name: str, runs: list[Run], now: float, limit_s: float) -> None:
+        """The source is fetching these segments itself (a relay parent): they go back to the
+        front of its queue, as they were planned; no blame. A segment still `later` at the same
+        source after `limit_s` is taken elsewhere (two relays waiting on each other, from plans
+        made at different moments, must not wait for ever)."""
+        for first, count in runs:
+            self.on_reply(source_name, first, count)
+        source = self.sources.get(source_name)
+        for first, count in reversed(runs):
+            for run_first, run_count in reversed(self._pending_runs(first, count)):
+                self.state[run_first : run_first + run_count] = bytes(run_count)  # MISSING
+                self.pending -= run_count
+                since = self.later_since.setdefault((source_name, run_first), now)
+                if source is not None and not source.dead and now - since < limit_s:
+                    source.push_front((run_first, run_count))
+                    continue
+                hint = None
+                for i in range(run_first, run_first + run_count):
+                    self.excluded.setdefault(i, set()).add(source_name)
+                    hint = self._requeue(i, hint=hint)
+
+    def _pending_runs(self, first: int, count: int) -> list[Run]:
+        """PENDING parts of a run no other request covers (an endgame copy may still bring them)."""
+        out: list[Run] = []
+        for run_first, run_count in _runs(_PENDING_RUN, self.state, first, first + count):
+            start = None
+            for i in range(run_first, run_first + run_count):
+                if self.outstanding[i] == 0:
+                    if start is None:
+                        start = i
+                elif start is not None:
+                    out.append((start, i - start))
+                    start = None
+            if start is not None:
+                out.append((start, run_first + run_count - start))
+        return out
 
     def on_failed(self, source_name: str, first: int, count: int, timed_out: bool) -> None:
         """Bad bytes exclude the source for these segments; a timeout only steers them elsewhere

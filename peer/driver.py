@@ -16,6 +16,7 @@ run next, before any other input.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -148,14 +149,23 @@ class _Call:
 
 
 class PeerDriver:
-    def __init__(self, name: str, settings: TransferSettings, metrics: Metrics, now: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: TransferSettings,
+        metrics: Metrics,
+        now: float,
+        manifest_type: type[Manifest] = Manifest,
+    ) -> None:
         self.peer_name = name
+        self.manifest_type = manifest_type
         self.settings = settings
         self.metrics = metrics
         self.m = PeerMetrics(metrics)
         self.session = BrokerSession(settings.broker_timeout_s, now)
         self.timings: dict[str, SourceTiming] = {}  # by endpoint, shared by every transfer
         self.jobs: dict[str, Job] = {}
+        self.publish_progress = True  # the in-memory swarm has no readers: it turns this off
         self._bad_log = RateLimitedLog(log)
 
     # ---- I/O, provided by a subclass
@@ -220,18 +230,24 @@ class PeerDriver:
         self.apply_session(self.session.tick(now), now)
         for job in list(self.jobs.values()):
             self.run(job, job.transfer.tick(now), now)
-            if job.transfer.download is not None and now - job.last_published >= PROGRESS_INTERVAL_S:
+            if (
+                self.publish_progress
+                and job.transfer.download is not None
+                and now - job.last_published >= PROGRESS_INTERVAL_S
+            ):
                 self.publish(job, now)
 
-    def next_deadline(self) -> float | None:
-        deadlines = [d for d in (self.session.next_deadline(),) if d is not None]
+    def next_deadline(self, now: float) -> float | None:
+        """The nearest deadline ahead of `now` among the session's and every transfer's."""
+        deadlines = [d for d in (self.session.next_deadline(now),) if d is not None]
         for job in self.jobs.values():
-            deadline = job.transfer.next_deadline()
+            deadline = job.transfer.next_deadline(now)
             if deadline is not None:
                 deadlines.append(deadline)
-            if job.transfer.download is not None and job.futures:
+            if self.publish_progress and job.transfer.download is not None:
                 deadlines.append(job.last_published + PROGRESS_INTERVAL_S)
-        return min(deadlines) if deadlines else None
+        upcoming = [d for d in deadlines if d > now]
+        return min(upcoming) if upcoming else None
 
     # ---- the broker session
 
@@ -413,22 +429,14 @@ class PeerDriver:
             existing.futures.append(future)
             return future
         cached = self.io_cached_manifest(name)
-        settings = self.settings
         transfer = Transfer(
             name=name,
-            settings=TransferSettings(
-                batch_segments=settings.batch_segments,
-                lanes_per_source=settings.lanes_per_source,
-                request_timeout_s=settings.request_timeout_s,
-                have_flush_interval_s=settings.have_flush_interval_s,
-                replan_interval_s=settings.replan_interval_s,
-                timeout_s=timeout_s,
-                broker_timeout_s=settings.broker_timeout_s,
-            ),
+            settings=dataclasses.replace(self.settings, timeout_s=timeout_s),
             started=now,
             known_file_id=cached.file_id if cached is not None else None,
             timings=self.timings,
             registered=self.session.registered,
+            manifest_type=self.manifest_type,
         )
         progress: Subscription[Progress] = Subscription()
         future = GetFuture(progress, on_cancel)

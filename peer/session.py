@@ -278,7 +278,8 @@ class BrokerSession:
                 commands.append(SendTracker(Ping(rid)))
         return commands
 
-    def next_deadline(self) -> float | None:
+    def next_deadline(self, now: float) -> float | None:
+        """The nearest deadline still ahead (those past were acted on by the last tick)."""
         deadlines = [p.deadline for p in self.pending.values()]
         if self.state is SessionState.UNREGISTERED:
             deadlines.append(self._next_register)
@@ -286,4 +287,5 @@ class BrokerSession:
             deadlines.append(self._next_heartbeat)
             if not self._ping_out:
                 deadlines.append(self._last_reply + self.silence_s())
-        return min(deadlines) if deadlines else None
+        upcoming = [d for d in deadlines if d > now]
+        return min(upcoming) if upcoming else None

@@ -58,12 +58,18 @@ from common.errors import (
     WireCode,
     ZswarmError,
 )
-from common.manifest import Manifest
+from common.manifest import SEGMENT_SIZE, Manifest
 from common.protocol import Error, FileInfo, Message, SegmentData
 from common.ranges import Run, SegmentSet
 from peer.download import BROKER, LOCAL, Download, Request
 
 MIN_REPLAN_GAP_S = 0.02  # deferred segments: ask again at most this often
+INITIAL_BATCH = 4  # segments per request while a source's rate is unknown (64 KiB probes)
+LATER_LIMIT_S = 5.0  # segments a relay parent keeps answering `later` for go elsewhere after this
+STEAL_BACKLOG_S = 1.0  # a source with more queued than this at its rate gives work to idle ones...
+STEAL_FACTOR = 4.0  # ...that deliver this many times faster
+FIRST_REPLAN_S = 0.25  # the first plan is followed soon by another: downloaders arrive together
+DELIVERY_SLACK = 3.0  # a request times out after this many times what its bytes should take
 MAX_REQUEST_TIMEOUT_S = 60.0
 ORIGIN_PATIENCE = 4  # origin requests time out after 4 x request_timeout_s at least
 STUCK_REPLANS = 2  # fresh plans asked when sources run out, before giving up
@@ -104,6 +110,8 @@ class TransferSettings:
     replan_interval_s: float = 1.0
     timeout_s: float = 3600.0
     broker_timeout_s: float = 5.0
+    request_target_s: float = 0.25  # a request should take about this long at its source's rate
+    queue_target_s: float = 0.5  # bytes in flight to a source: about this long at its rate
 
 
 @dataclass(frozen=True)
@@ -337,6 +345,10 @@ class Transfer:
     _unflushed: SegmentSet = field(default_factory=SegmentSet)
     _timers: _Timers = field(default_factory=_Timers)
     _next_request_id: int = 1
+    _plans_applied: int = 0
+    # How a manifest from the wire is built: the in-memory swarm passes a subclass that checks
+    # simulated payloads instead of hashing them (everything else is the same code).
+    manifest_type: type[Manifest] = Manifest
 
     # ---- inputs: the broker session
 
@@ -473,26 +485,35 @@ class Transfer:
             return self._bad(source, [run], BadReason.MALFORMED)
         if timing is not None:
             timing.delivered(len(reply.payload), request.sent_at, now)
-        return self._accept(source, request, reply, manifest, download)
+            self._extend_deadlines(source, timing, now)
+        return self._accept(source, request, reply, manifest, download, now)
 
     def _accept(
-        self, source: str, request: Request, reply: SegmentData, manifest: Manifest, download: Download
+        self, source: str, request: Request, reply: SegmentData, manifest: Manifest, download: Download, now: float
     ) -> list[Command]:
         first, count = request.run
         if (reply.file_id, reply.first, reply.count) != (manifest.file_id, first, count):
             download.on_failed(source, first, count, timed_out=False)
             return self._bad(source, [request.run], BadReason.MISMATCH)
         missing = SegmentSet(reply.missing)
-        if missing and not SegmentSet([request.run]).covers(*_span(missing)):
+        later = SegmentSet(reply.later)
+        absent = missing.copy()
+        absent.update(later)
+        if absent and (
+            not SegmentSet([request.run]).covers(*_span(absent)) or len(absent) != len(missing) + len(later)
+        ):
             download.on_failed(source, first, count, timed_out=False)
             return self._bad(source, [request.run], BadReason.MISSING_OUTSIDE)
         present = SegmentSet([request.run])
-        present.difference_update(missing)
+        present.difference_update(absent)
         payload = memoryview(reply.payload)
         if len(payload) != sum(manifest.run_length(f, c) for f, c in present.runs()):
             download.on_failed(source, first, count, timed_out=False)
             return self._bad(source, [request.run], BadReason.LENGTH)
         commands: list[Command] = []
+        if later:
+            # A relay parent still fetching them: ask it again, nobody is to blame.
+            download.on_later(source, later.runs(), now, LATER_LIMIT_S)
         if missing:
             download.on_refused(source, missing.runs())
             commands += self._bad(source, missing.runs(), BadReason.REFUSED)
@@ -571,8 +592,10 @@ class Transfer:
             return []
         return self._fail(error)
 
-    def next_deadline(self) -> float | None:
-        """When `tick` must run next at the latest (None: only inputs matter)."""
+    def next_deadline(self, now: float) -> float | None:
+        """When `tick` must run next at the latest (None: only inputs matter). Deadlines already
+        past were acted on by the last tick, or need no action yet (a replan held back by its
+        minimum gap, a straggler with no idle peer to copy it to): they do not count."""
         state = self.state
         if state in (TransferState.DONE, TransferState.FAILED, TransferState.FINISHING):
             return None
@@ -582,7 +605,7 @@ class Transfer:
                 deadlines.append(self.started + self.settings.broker_timeout_s)
             if self.manifest is None and self.registered and not self.plan_asked:
                 deadlines.append(self._timers.retry_plan_at)
-            return min(deadlines)
+            return _upcoming(deadlines, now)
         download = self.download
         assert download is not None
         if self.requests:
@@ -592,11 +615,10 @@ class Transfer:
         if self._unflushed:
             deadlines.append(self._timers.last_flush + self.settings.have_flush_interval_s)
         if not self.plan_asked:
-            if self._leans_on_broker(download):
-                deadlines.append(self._timers.next_replan)
+            deadlines.append(self._timers.next_replan)
             if self._waits_for_plan(download):
                 deadlines.append(self._timers.last_plan_request + MIN_REPLAN_GAP_S)
-        return min(deadlines)
+        return _upcoming(deadlines, now)
 
     def progress(self, now: float) -> Progress:
         manifest, download = self.manifest, self.download
@@ -635,7 +657,7 @@ class Transfer:
             if have is None or have.file_id != reply.file_id:
                 raise TransferError("the broker omitted the manifest of a file this peer does not have")
             return have
-        manifest = Manifest(
+        manifest = self.manifest_type(
             name=reply.name, size=reply.size, digests=reply.digests, segment_size=reply.segment_size
         )
         problem = manifest.consistency_error()
@@ -654,13 +676,19 @@ class Transfer:
         # A plan that brought work may be followed by the next one at once; one that brought
         # nothing (everything deferred) waits MIN_REPLAN_GAP_S before asking again.
         self.plan_was_empty = download.queued() <= queued_before
-        self._timers.next_replan = now + self.settings.replan_interval_s
+        first = self._plans_applied == 0
+        self._plans_applied += 1
+        self._timers.next_replan = now + (
+            min(FIRST_REPLAN_S, self.settings.replan_interval_s) if first else self.settings.replan_interval_s
+        )
 
     def _wants_plan(self, download: Download, now: float) -> bool:
         if self.plan_was_empty and now - self._timers.last_plan_request < MIN_REPLAN_GAP_S:
             return False
-        if now >= self._timers.next_replan and self._leans_on_broker(download):
-            return True  # peers may have gained what the broker is serving us
+        if now >= self._timers.next_replan:
+            # Peers may have gained what the broker is serving us, and relay trees change as
+            # downloaders come and go.
+            return True
         idle = not download.sources_with_work() and download.pending == 0
         low_water = self.settings.batch_segments * self.settings.lanes_per_source
         return idle or download.wants_plan(low_water)
@@ -702,14 +730,15 @@ class Transfer:
         assert self.manifest is not None
         file_id = self.manifest.file_id
         commands: list[Command] = []
+        self._steal(download)
         for source_name in download.sources_with_work():
             source = download.sources[source_name]
-            limit = self.origin_lanes if source_name == BROKER else self.settings.lanes_per_source
-            while source.in_flight < limit:
-                run = download.take(source_name)
-                if run is None:
+            timing = self.timings.get(source.endpoint)
+            lanes, batch = self._limits(source_name, timing)
+            while source.in_flight < lanes:
+                if download.take(source_name, batch) is None:
                     break
-                commands.append(self._send(download, source.endpoint, now, file_id))
+                commands.append(self._send(download, source.endpoint, now, file_id, timing))
         if download.in_endgame():
             # Stragglers: runs in flight for twice their source's usual reply time (at least a
             # quarter of the request timeout).
@@ -722,25 +751,96 @@ class Transfer:
                 if download.take_endgame(source_name, stragglers) is None:
                     continue
                 self.endgame_requests += 1
-                commands.append(self._send(download, source.endpoint, now, file_id))
+                commands.append(self._send(download, source.endpoint, now, file_id, self.timings.get(source.endpoint)))
         return commands
 
-    def _send(self, download: Download, endpoint: str, now: float, file_id: bytes) -> SendRequest:
+    def _steal(self, download: Download) -> None:
+        """Work stealing: a peer with room for requests and nothing queued takes queued work it
+        holds from a source far slower than itself (its measured rate STEAL_FACTOR times
+        lower) whose backlog is more than STEAL_BACKLOG_S at that rate. So one slow source
+        costs little and never holds up the tail. Sources of similar speed keep their work:
+        in a relay tree, a parent with nothing queued for this download is still busy relaying
+        to others, and loading it more would slow its own children."""
+        sources = download.sources
+        rates: dict[str, float] = {}
+        for name, src in sources.items():
+            timing = self.timings.get(src.endpoint)
+            if timing is not None and timing.rate_bps:
+                rates[name] = timing.rate_bps
+        victims: list[tuple[float, str]] = []
+        for name, src in sources.items():
+            if src.queue and not src.dead and name in rates:
+                pending = sum(r.nbytes for r in src.requests)
+                backlog_s = (src.queued_count * SEGMENT_SIZE + pending) / rates[name]
+                if backlog_s > STEAL_BACKLOG_S:
+                    victims.append((rates[name], name))
+        if not victims:
+            return
+        victims.sort()  # the slowest first
+        for thief, src in sources.items():
+            if thief == BROKER or src.dead or src.queue or thief not in rates:
+                continue
+            lanes, batch = self._limits(thief, self.timings.get(src.endpoint))
+            if src.in_flight >= lanes:
+                continue
+            slower = [name for rate, name in victims if rate * STEAL_FACTOR < rates[thief] and name != thief]
+            if slower:
+                download.steal(thief, slower, lanes * batch)
+
+    def _limits(self, source: str, timing: SourceTiming | None) -> tuple[int, int]:
+        """(requests in flight, segments per request) for a source, from its delivery rate: a
+        request takes about `request_target_s` and the bytes in flight about `queue_target_s` of it,
+        so a slow or crowded source is never promised more than it can deliver soon, and work
+        not yet asked for stays free to go to whichever source frees up first."""
+        most = self.origin_lanes if source == BROKER else self.settings.lanes_per_source
+        batch_max = self.settings.batch_segments
+        rate = timing.rate_bps if timing is not None else None
+        if rate is None:
+            return min(most, 2), min(INITIAL_BATCH, batch_max)  # probe: the rate is unknown
+        batch = max(1, min(batch_max, int(rate * self.settings.request_target_s) // SEGMENT_SIZE))
+        lanes = max(1, min(most, math.ceil(rate * self.settings.queue_target_s / (batch * SEGMENT_SIZE))))
+        return lanes, batch
+
+    def _send(
+        self, download: Download, endpoint: str, now: float, file_id: bytes, timing: SourceTiming | None
+    ) -> SendRequest:
         request = download.last_request
-        assert request is not None
+        assert request is not None and self.manifest is not None
         request.id = self._next_request_id
         self._next_request_id += 1
         request.sent_at = now
-        request.deadline = now + self._timeout_for(request.source, endpoint)
+        request.nbytes = self.manifest.run_length(request.first, request.count)
+        source = download.sources[request.source]
+        ahead = sum(r.nbytes for r in source.requests)  # this one included: it was just added
+        request.deadline = now + self._timeout_for(request.source, timing, ahead)
         self.requests[request.id] = request
         return SendRequest(request, endpoint, file_id)
 
-    def _timeout_for(self, source: str, endpoint: str) -> float:
-        # The origin is the last resort and often the busiest source: giving up on a slow reply
-        # only makes it send the same run twice, so it gets four times the floor.
+    def _timeout_for(self, source: str, timing: SourceTiming | None, nbytes: int) -> float:
+        """How long `nbytes` (a request and those queued before it) may take from this source:
+        the time its measured rate needs, with room for its variation, never below the floor.
+        The origin is the last resort and often the busiest source: giving up on a slow reply
+        only makes it send the same run twice, so its floor is four times the peers'."""
         floor = self.settings.request_timeout_s * (ORIGIN_PATIENCE if source == BROKER else 1)
-        timing = self.timings.get(endpoint)
-        return timing.timeout(floor) if timing is not None else floor
+        if timing is None:
+            return floor
+        timeout = timing.timeout(floor)
+        if timing.rate_bps:
+            timeout = max(timeout, DELIVERY_SLACK * nbytes / timing.rate_bps)
+        return min(timeout, MAX_REQUEST_TIMEOUT_S)
+
+    def _extend_deadlines(self, source: str, timing: SourceTiming, now: float) -> None:
+        """A reply came from `source`: it is alive and delivering. Requests still queued there
+        get the time their bytes need from now, so a busy but healthy source is never mistaken
+        for a dead one (only a source that stops delivering times out)."""
+        download = self.download
+        state = download.sources.get(source) if download is not None else None
+        if state is None:
+            return
+        ahead = 0
+        for request in state.requests:
+            ahead += request.nbytes
+            request.deadline = max(request.deadline, now + self._timeout_for(source, timing, ahead))
 
     def _patience(self, source: str) -> float:
         endpoint = self._endpoint(source)
@@ -802,6 +902,11 @@ class Transfer:
         if source == BROKER or not runs or self.manifest is None:
             return []
         return [ReportBad(self.manifest.file_id, source, tuple(runs), reason)]
+
+
+def _upcoming(deadlines: list[float], now: float) -> float | None:
+    upcoming = [d for d in deadlines if d > now]
+    return min(upcoming) if upcoming else None
 
 
 def _span(runs: SegmentSet) -> Run:

@@ -70,6 +70,12 @@ def seed_peer(data_dir: Path, source: Path, name: str) -> Manifest:
     return manifest
 
 
+def process_state(pid: int) -> str:
+    """The one-letter state of a process, from /proc (T: stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def progressed(future: GetFuture, fraction: float) -> bool:
     """True once the download behind `future` has more than `fraction` of its segments."""
     snap = future.progress().last
@@ -217,6 +223,8 @@ def test_source_stopped_then_resumed(
     stopped = swarm.procs[1]
     assert isinstance(stopped, PeerProcess) and stopped.name == "srcA"
     stopped.signal(signal.SIGSTOP)
+    # A stop signal is delivered asynchronously: wait until the kernel says it is stopped.
+    wait_until(lambda: process_state(stopped.pid) in ("T", "t"), timeout=5, what="srcA to stop")
     downloader = start_in_process_peer(tmp_path, "dl", broker.tracker)
     try:
         result = downloader.get("f.bin", timeout=60)  # planned over srcA and srcB; srcA never answers

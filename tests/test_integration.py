@@ -324,7 +324,7 @@ class LyingServer:
                 payload = bytearray(self.data[start : start + request.count * SEGMENT_SIZE])
                 for offset in range(0, len(payload), SEGMENT_SIZE):
                     payload[offset] ^= 0xFF  # every segment has a wrong byte
-                reply = SegmentData(request.file_id, request.first, request.count, (), bytes(payload))
+                reply = SegmentData(request.file_id, request.first, request.count, (), payload=bytes(payload))
                 self.sock.send_multipart(envelope_and_request[:2] + protocol.encode(reply))
                 self.served += 1
         finally:
@@ -405,19 +405,20 @@ def test_origin_only_policy_serves_everything_from_the_broker(
     assert r2.path.read_bytes() == data
 
 
-def test_endgame_asks_an_idle_peer_for_a_straggling_run(
-    share: Path, start_broker: StartBroker, start_peer: StartPeer
-) -> None:
+def test_a_slow_source_costs_little(share: Path, start_broker: StartBroker, start_peer: StartPeer) -> None:
     data = write_random(share / "f.bin", 2 * 1024 * 1024, seed=41)  # two 64-segment blocks
     broker = start_broker()
-    slow = start_peer("slow", broker, upload_limit_mib_s=0.1)  # a 1 MiB run takes ~10 s
+    slow = start_peer("slow", broker, upload_limit_mib_s=0.1)  # the whole file takes it 20 s
     fast = start_peer("fast", broker)
     slow.get("f.bin", timeout=20)
-    fast.get("f.bin", timeout=20)
+    fast.get("f.bin", timeout=30)
     downloader = start_peer("dl", broker)
     result = downloader.get("f.bin", timeout=30)
     assert result.path.read_bytes() == data
-    # The plan spread the blocks over both holders; the slow one's run straggled and was asked
-    # of the idle fast peer, whose verified copy won.
-    assert downloader.status()["counts"].get("endgame_requests", 0) >= 1
-    assert result.sources == {"fast": 128}
+    # The plan spread the blocks over both holders; what the slow one had not delivered moved
+    # to the fast one (timed out, stolen, or duplicated in the endgame), long before the slow
+    # one could have sent its block (10 s).
+    assert result.seconds < 1.0 / 0.1
+    assert result.sources.get("fast", 0) >= 128 - 8  # the slow one delivered two probes at most
+    counts = downloader.status()["counts"]
+    assert counts["lane_timeouts"] + counts["endgame_requests"] + counts.get("segments_stolen", 0) >= 1

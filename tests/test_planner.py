@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import Counter
 
 import pytest
 
-from broker.planner import BROKER_SOURCE, Plan, plan_download
+from broker.planner import BROKER_SOURCE, Plan, plan_download, relay_for
 from broker.registry import Holder
 from common.ranges import Run, SegmentSet
 
@@ -284,198 +285,144 @@ def test_one_gib_plan_with_100_complete_holders(capsys: pytest.CaptureFixture[st
     assert sum(counts.values()) == n
 
 
-# --------------------------------------------------------------------------- origin claims (super-seeding)
+# --------------------------------------------------------------------------- relay trees
 
 
 def broker_blocks(plan: Plan, block: int) -> list[int]:
     return [first // block for first, _, index in plan.entries if plan.sources[index].name == BROKER_SOURCE]
 
 
-def test_without_a_window_or_requester_nothing_is_claimed_or_deferred() -> None:
-    n = 64 * 6
+def downloaders(n: int, held: dict[int, list[Run]] | None = None) -> list[tuple[int, Holder]]:
+    return [(k, holder(f"d{k}", (held or {}).get(k, []))) for k in range(n)]
+
+
+def tree_of(n: int, fanout: int) -> dict[str, list[str | None]]:
+    """downloader -> its parent in each stripe."""
+    ds = downloaders(n)
+    out: dict[str, list[str | None]] = {}
+    for _, h in ds:
+        relay = relay_for(ds, h.name, fanout)
+        assert relay is not None
+        out[h.name] = [p.name if p is not None else None for p in relay.parents]
+    return out
+
+
+def test_a_lone_downloader_is_the_root_of_its_only_stripe() -> None:
+    relay = relay_for(downloaders(1), "d0", 4)
+    assert relay is not None and relay.stripes == 1 and relay.parents == (None,)
+    assert relay_for(downloaders(3), "stranger", 4) is None
+
+
+@pytest.mark.parametrize(("n", "fanout"), [(2, 4), (4, 4), (5, 4), (16, 4), (33, 4), (64, 8), (100, 4)])
+def test_every_downloader_relays_one_stripe_to_at_most_fanout_others(n: int, fanout: int) -> None:
+    tree = tree_of(n, fanout)
+    stripes = min(fanout, n)
+    children: Counter[tuple[int, str]] = Counter()
+    roots: dict[int, list[str]] = {s: [] for s in range(stripes)}
+    for name, parents in tree.items():
+        assert len(parents) == stripes
+        for stripe, parent in enumerate(parents):
+            if parent is None:
+                roots[stripe].append(name)
+            else:
+                children[(stripe, parent)] += 1
+    for stripe in range(stripes):  # one root per stripe: the first downloader of its class
+        assert roots[stripe] == [f"d{stripe}"]
+    assert all(c <= fanout for c in children.values())
+    relaying = Counter(parent for (_, parent) in children)
+    # each downloader is an inner node in at most one stripe (its class)...
+    assert all(sum(1 for (_, p) in children if p == name) <= 1 for name in tree)
+    # ...and the uploads add up: every downloader receives each stripe once
+    assert sum(children.values()) == stripes * (n - 1)
+    if n >= fanout * fanout:
+        assert len(relaying) <= -(-n // fanout) * stripes  # about one in fanout relays
+    # depth: log(fanout, N) levels
+    depth = 0
+    for name in tree:
+        for stripe in range(stripes):
+            hops, node = 0, name
+            while tree[node][stripe] is not None:
+                node = tree[node][stripe]  # type: ignore[assignment]
+                hops += 1
+            depth = max(depth, hops)
+    assert depth <= max(1, math.ceil(math.log(n, fanout))) + 1
+
+
+def test_a_newcomer_moves_parents_in_its_own_class_stripe_only() -> None:
+    fanout = 4
+    before, after = tree_of(20, fanout), tree_of(21, fanout)
+    newcomer_class = 20 % fanout
+    for name, parents in before.items():
+        for stripe in range(fanout):
+            if stripe != newcomer_class:
+                assert after[name][stripe] == parents[stripe], (name, stripe)
+
+
+def test_relay_plans_what_no_holder_has_from_the_parents_in_ascending_order() -> None:
+    n, block, fanout = 64 * 8, 64, 4
+    ds = downloaders(6)
+    relay = relay_for(ds, "d5", fanout)
+    assert relay is not None
     need = SegmentSet.full(n)
-    for kwargs in (
-        {"claims": {0: "other"}, "requester": "me", "origin_window": 0},
-        {"claims": {0: "other"}, "requester": None, "origin_window": 4},
-        {},
-    ):
-        plan = plan_download(n, need, [], ORIGIN, block=64, **kwargs)  # type: ignore[arg-type]
-        check_plan(plan, n, need, [], 64)
-        assert plan.claimed == ()
-        assert plan.deferred == 0
-
-
-def test_a_downloader_claims_at_most_its_window_of_broker_only_blocks() -> None:
-    n, block = 64 * 10 + 5, 64
-    need = SegmentSet.full(n)
-    plan = plan_download(
-        n, need, [], ORIGIN, block=block, rotate=4, claims={}, requester="me", origin_window=3
-    )
-    assert plan.claimed == (4, 5, 6)  # the first three in fetch order
-    assert broker_blocks(plan, block) == [4, 5, 6]
-    assert plan.deferred == n - 3 * block
-    assert sum(c for _, c, _ in plan.entries) + plan.deferred == len(need)
-
-
-def test_blocks_claimed_by_another_downloader_are_deferred() -> None:
-    n, block = 64 * 6, 64
-    need = SegmentSet.full(n)
-    claims = {0: "other", 2: "other", 3: "me"}
-    plan = plan_download(n, need, [], ORIGIN, block=block, claims=claims, requester="me", origin_window=2)
-    # block 3 is already mine (kept, not re-claimed) and fills one slot of the window
-    assert 3 in broker_blocks(plan, block)
-    assert 0 not in broker_blocks(plan, block)
-    assert 2 not in broker_blocks(plan, block)
-    assert plan.claimed == (1,)
-    assert sorted(broker_blocks(plan, block)) == [1, 3]
-    assert plan.deferred == 4 * block
-
-
-def test_finished_claims_do_not_fill_the_window() -> None:
-    n, block = 64 * 8, 64
-    need = SegmentSet.full(n)
-    need.difference_update(SegmentSet([(0, 2 * block)]))  # blocks 0 and 1: claimed earlier, now held
-    plan = plan_download(
-        n, need, [], ORIGIN, block=block, claims={0: "me", 1: "me"}, requester="me", origin_window=2
-    )
-    assert plan.claimed == (2, 3)
-    assert sorted(broker_blocks(plan, block)) == [2, 3]
-
-
-def test_claims_never_defer_segments_a_peer_can_serve() -> None:
-    n, block = 64 * 4, 64
-    need = SegmentSet.full(n)
-    holders = [holder("p", [(0, 2 * block)])]  # blocks 0, 1 from a peer; 2, 3 broker-only
-    plan = plan_download(
-        n,
-        need,
-        holders,
-        ORIGIN,
-        block=block,
-        claims={0: "x", 1: "x", 2: "x"},
-        requester="me",
-        origin_window=8,
-    )
+    plan = plan_download(n, need, [], ORIGIN, block=block, rotate=3, relay=relay)
     got = assignment(plan)
-    assert {got[i] for i in range(2 * block)} == {"p"}
-    assert plan.claimed == (3,)
-    assert plan.deferred == block  # block 2 only
+    assert set(got) == set(need)
+    for b in range(n // block):
+        parent = relay.parents[b % relay.stripes]
+        assert {got[i] for i in range(b * block, (b + 1) * block)} == {parent.name if parent else BROKER_SOURCE}
+    # tree blocks come in ascending order, whatever the rotation
+    firsts = [first for first, _, _ in plan.entries]
+    assert firsts == sorted(firsts)
+    assert plan.relayed == sum(1 for i in got.values() if i != BROKER_SOURCE)
+    # a parent is listed with what it will hold for this download, not as a complete copy
+    for source in plan.sources[:-1]:
+        assert source.runs is not None
+        planned = SegmentSet([(f, c) for f, c, i in plan.entries if plan.sources[i].name == source.name])
+        assert SegmentSet(source.runs) == planned
 
 
-def test_a_block_split_between_peer_and_broker_is_claimed_once() -> None:
-    n, block = 64, 64
-    need = SegmentSet.full(n)
-    holders = [holder("p", [(10, 10), (40, 5)])]
-    plan = plan_download(n, need, holders, ORIGIN, block=block, claims={}, requester="me", origin_window=1)
-    got = check_plan(plan, n, need, holders, block)
-    assert plan.claimed == (0,)
-    assert plan.deferred == 0
-    assert sum(1 for s in got.values() if s == BROKER_SOURCE) == 64 - 15
-    deferred_plan = plan_download(
-        n, need, holders, ORIGIN, block=block, claims={0: "other"}, requester="me", origin_window=1
-    )
-    assert deferred_plan.deferred == 64 - 15
-    assert set(assignment(deferred_plan).values()) == {"p"}
+def test_a_root_takes_what_another_downloader_already_holds_before_the_origin() -> None:
+    n, block = 64 * 4, 64
+    ds = downloaders(2, held={1: [(0, 64)]})  # d1 holds block 0 already
+    relay = relay_for(ds, "d0", 4)  # d0 roots stripe 0 (blocks 0 and 2)
+    assert relay is not None and relay.parents[0] is None
+    plan = plan_download(n, SegmentSet.full(n), [], ORIGIN, block=block, relay=relay)
+    got = assignment(plan)
+    assert {got[i] for i in range(0, 64)} == {"d1"}
+    assert {got[i] for i in range(128, 192)} == {BROKER_SOURCE}
+    assert {got[i] for i in range(64, 128)} == {"d1"}  # stripe 1: its parent d1 relays
 
 
-def test_claim_cycle_with_the_registry() -> None:
-    """Two downloaders of a new file share the origin: the second is deferred on what the first
-    claimed, and once the first holds a block the second gets it from that peer."""
-    from broker.registry import Registry
-
-    file_id, n, block = b"\x07" * 32, 64 * 4, 64
-    r = Registry(expiry_s=10.0)
-    r.register("a", b"ra", "tcp://a:1", [], now=0.0)
-    r.register("b", b"rb", "tcp://b:1", [], now=0.0)
-
-    def get(name: str, now: float) -> Plan:
-        need = SegmentSet.full(n)
-        need.difference_update(r.holdings_of(name, file_id))
-        plan = plan_download(
-            n,
-            need,
-            r.holders(file_id, now, exclude=name),
-            ORIGIN,
-            block=block,
-            claims=r.origin_claims(file_id, now, idle_s=2.0),
-            requester=name,
-            origin_window=2,
-        )
-        r.claim_origin_blocks(file_id, name, plan.claimed, now)
-        return plan
-
-    pa = get("a", 0.0)
-    assert pa.claimed == (0, 1)
-    pb = get("b", 0.1)
-    assert pb.claimed == (2, 3)  # not a's blocks
-    assert pb.deferred == 2 * block
-    # a fetched block 0 and says so; b asks again and gets block 0 from a, block 1 still deferred
-    r.add_runs("a", file_id, [(0, block)])
-    r.note_progress("a", file_id, 0.5)
-    pb2 = get("b", 0.6)
-    got = assignment(pb2)
-    assert {got[i] for i in range(block)} == {"a"}
-    assert pb2.deferred == block
-    # a stalls: its claim on block 1 lapses (b's own lapse too: b reported nothing) and b takes it
-    pb3 = get("b", 3.0)
-    assert 1 in pb3.claimed
-    assert 0 not in broker_blocks(pb3, block)  # a serves block 0
-    assert 1 in broker_blocks(pb3, block)
+def test_holders_come_before_the_relay_trees() -> None:
+    n, block = 64 * 4, 64
+    relay = relay_for(downloaders(3), "d2", 4)
+    seed = full("seed", n)
+    plan = plan_download(n, SegmentSet.full(n), [seed], ORIGIN, block=block, relay=relay)
+    assert set(assignment(plan).values()) == {"seed"}
+    assert plan.relayed == 0
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_random_claims_plan_or_defer_every_needed_segment_once(seed: int) -> None:
-    rng = random.Random(1000 + seed)
+def test_random_relay_plans_every_needed_segment_once(seed: int) -> None:
+    rng = random.Random(2000 + seed)
     n = rng.randrange(1, 600)
     block = rng.choice([4, 16, 64])
-    blocks = (n + block - 1) // block
-    holders = [
-        holder(f"p{k}", [(rng.randrange(n), rng.randrange(1, 100))]) for k in range(rng.randrange(0, 3))
+    holders = [holder(f"p{k}", [(rng.randrange(n), rng.randrange(1, 100))]) for k in range(rng.randrange(0, 3))]
+    ds = [
+        (k, holder(f"d{k}", [(rng.randrange(n), rng.randrange(1, 50))] if rng.random() < 0.5 else []))
+        for k in range(rng.randrange(1, 12))
     ]
-    claims = {b: rng.choice(["me", "x", "y"]) for b in range(blocks) if rng.random() < 0.4}
-    window = rng.randrange(0, 5)
+    me = rng.choice(ds)[1].name
+    relay = relay_for(ds, me, rng.choice([2, 4, 8]))
     need = SegmentSet.full(n)
     need.remove(rng.randrange(n), rng.randrange(0, 40))
-    plan = plan_download(
-        n,
-        need,
-        holders,
-        ORIGIN,
-        block=block,
-        rotate=rng.randrange(50),
-        claims=claims,
-        requester="me",
-        origin_window=window,
-    )
+    plan = plan_download(n, need, holders, ORIGIN, block=block, rotate=rng.randrange(50), relay=relay)
     got = assignment(plan)
-    assert set(got) <= set(need)
-    deferred = set(need) - set(got)
-    assert len(deferred) == plan.deferred
-    if window == 0:
-        assert deferred == set()
-        assert plan.claimed == ()
-        return
-    assert set(plan.claimed).isdisjoint(claims)  # only unclaimed blocks are claimed
-    broker_only = {i // block for i in deferred} | set(broker_blocks(plan, block))
-    mine = {b for b, who in claims.items() if who == "me" and b in broker_only}
-    assert len(mine | set(plan.claimed)) <= max(window, len(mine))
-    for b in broker_blocks(plan, block):  # the broker serves only blocks that are ours
-        assert claims.get(b) == "me" or b in plan.claimed
-    for i in deferred:  # deferred: no peer holds it, and it is someone else's or the window is full
-        assert not any(i in h.segments for h in holders)
-        owner = claims.get(i // block)
-        assert owner not in (None, "me") or len(mine | set(plan.claimed)) >= window
-
-
-# --------------------------------------------------------------------------- origin share
-
-
-def test_origin_share() -> None:
-    from broker.planner import origin_share
-
-    assert origin_share(0, 2, {}, "a", 1000) == 0  # claims off
-    assert origin_share(32, 2, {}, "a", 1000) == 32  # alone: the whole budget
-    assert origin_share(32, 2, {1: "b", 2: "c", 3: "d"}, "a", 1000) == 8  # four claimants
-    assert origin_share(32, 2, {1: "a"}, "a", 1000) == 32  # its own claims do not count twice
-    assert origin_share(32, 2, {}, "a", 16) == 2  # a small file: at most an eighth, at least the lanes
-    assert origin_share(32, 3, {i: f"p{i}" for i in range(100)}, "a", 1000) == 3
+    assert set(got) == set(need)
+    by_name = {h.name: h for h in holders}
+    for i, source in got.items():
+        if source in by_name:
+            assert i in by_name[source].segments
+        elif source == BROKER_SOURCE:  # the origin only for what no holder or downloader has
+            assert not any(i in h.segments for h in holders)
+            assert not any(i in h.segments for _, h in ds if h.name != me)

@@ -188,7 +188,7 @@ def test_header_carries_op_and_fields_only() -> None:
 
 def test_segment_data_payload_is_a_separate_frame() -> None:
     payload = bytes(range(256)) * 64
-    frames = encode(SegmentData(FID, 5, 1, (), payload))
+    frames = encode(SegmentData(FID, 5, 1, (), payload=payload))
     assert len(frames) == 2
     assert bytes(frames[1]) == payload
     assert payload not in bytes(frames[0])
@@ -245,7 +245,7 @@ def test_have_round_trip_property(rid: int, runs: list[tuple[int, int]], file_id
 def test_segment_messages_round_trip_property(first: int, count: int, payload: bytes) -> None:
     req = SegmentRequest(FID, first, count)
     assert decode(encode(req)) == req
-    data = SegmentData(FID, first, count, ((first, 1),), payload)
+    data = SegmentData(FID, first, count, ((first, 1),), payload=payload)
     back = decode(encode(data))
     assert back == data
     assert bytes(back.payload) == payload  # type: ignore[attr-defined]
@@ -965,5 +965,5 @@ def test_one_field_replaced_never_raises_anything_but_malformed(
 
 def test_protocol_constants_are_consistent() -> None:
     assert MAX_FILE_SIZE == MAX_SEGMENTS * SEGMENT_SIZE
-    assert protocol.PROTOCOL_VERSION == 1
+    assert protocol.PROTOCOL_VERSION == 2
     assert all(op == cls.OP for op, cls in MESSAGES.items())

@@ -341,66 +341,82 @@ def test_reregistering_does_not_grow_the_expiry_heap() -> None:
     assert len(r._expiry_heap) <= 2  # one live entry per peer (a stale one may linger until due)
 
 
-# --------------------------------------------------------------------------- origin claims
+# --------------------------------------------------------------------------- active downloads
 
 
-def test_origin_claims_stand_while_the_claimant_progresses() -> None:
+def active_names(r: Registry, file_id: bytes, now: float, segments: int = 100, idle_s: float = 2.0) -> list[tuple[int, str]]:
+    return [(pos, h.name) for pos, h in r.downloaders(file_id, segments, now, idle_s)]
+
+
+def test_downloaders_keep_their_join_positions() -> None:
     r = reg()
-    r.register("a", b"ra", ep(1), [], now=0.0)
-    assert r.origin_claims(F1, now=0.0, idle_s=2.0) == {}
-    r.claim_origin_blocks(F1, "a", [3, 5], now=1.0)
-    assert r.origin_claims(F1, now=1.0, idle_s=2.0) == {3: "a", 5: "a"}
-    assert r.origin_claims(F1, now=3.0, idle_s=2.0) == {3: "a", 5: "a"}  # exactly idle_s: still stands
-    r.note_progress("a", F1, now=2.5)
-    assert r.origin_claims(F1, now=4.5, idle_s=2.0) == {3: "a", 5: "a"}
-    assert r.origin_claims(F2, now=4.5, idle_s=2.0) == {}  # per file
+    for i, name in enumerate("abc"):
+        r.register(name, name.encode(), ep(i), [], now=0.0)
+    assert active_names(r, F1, 0.0) == []
+    r.note_active("b", F1, 0.0)
+    r.note_active("a", F1, 0.1)
+    r.note_active("b", F1, 0.2)  # again: same position
+    r.note_active("c", F2, 0.2)  # another file
+    assert active_names(r, F1, 0.3) == [(0, "b"), (1, "a")]
+    assert active_names(r, F2, 0.3) == [(0, "c")]
+    r.note_active("ghost", F1, 0.3)  # not registered: never a downloader
+    assert active_names(r, F1, 0.3) == [(0, "b"), (1, "a")]
 
 
-def test_origin_claims_lapse_without_progress_and_stay_dropped() -> None:
-    r = reg()
-    r.register("a", b"ra", ep(1), [], now=0.0)
-    r.claim_origin_blocks(F1, "a", [0, 1], now=0.0)
-    r.note_progress("a", F2, now=5.0)  # progress on another file does not count
-    assert r.origin_claims(F1, now=2.01, idle_s=2.0) == {}
-    r.note_progress("a", F1, now=2.5)
-    assert r.origin_claims(F1, now=2.5, idle_s=2.0) == {}  # dropped claims do not come back
-
-
-def test_origin_claims_of_a_removed_or_expired_peer_are_dropped() -> None:
+def test_progress_keeps_a_downloader_active_and_silence_ends_it() -> None:
     r = reg()
     r.register("a", b"ra", ep(1), [], now=0.0)
     r.register("b", b"rb", ep(2), [], now=0.0)
-    r.claim_origin_blocks(F1, "a", [0], now=0.0)
-    r.claim_origin_blocks(F1, "b", [1], now=0.0)
+    r.note_active("a", F1, 0.0)
+    r.note_active("b", F1, 0.0)
+    r.note_progress("a", F1, 1.5)  # a `have`
+    r.note_progress("c", F1, 1.5)  # progress never starts a download
+    assert active_names(r, F1, 2.0) == [(0, "a"), (1, "b")]  # exactly idle_s: still active
+    assert active_names(r, F1, 3.0) == [(0, "a")]  # b went quiet
+    r.note_active("b", F1, 3.1)  # back: the lowest free position
+    assert active_names(r, F1, 3.1) == [(0, "a"), (1, "b")]
+
+
+def test_a_complete_downloader_keeps_its_place_until_it_leaves() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0)
+    r.register("b", b"rb", ep(2), [], now=0.0)
+    r.note_active("a", F1, 0.0)
+    r.note_active("b", F1, 0.0)
+    r.add_runs("a", F1, [(0, 100)])
+    assert active_names(r, F1, 50.0, segments=100) == [(0, "a")]  # complete: stays; b idle: gone
     r.remove("a")
-    assert r.origin_claims(F1, now=0.5, idle_s=2.0) == {1: "b"}
-    r.touch("b", 0.0)
-    assert r.expire(EXPIRY) == ["b"]
-    assert r.origin_claims(F1, now=EXPIRY, idle_s=100.0) == {}
+    assert active_names(r, F1, 50.0) == []
 
 
-def test_reregistering_releases_origin_claims() -> None:
+def test_a_freed_position_goes_to_the_next_downloader() -> None:
+    r = reg()
+    for i, name in enumerate("abcd"):
+        r.register(name, name.encode(), ep(i), [], now=0.0)
+    for name in "abc":
+        r.note_active(name, F1, 0.0)
+    r.remove("b")
+    r.note_active("d", F1, 0.1)
+    assert active_names(r, F1, 0.1) == [(0, "a"), (1, "d"), (2, "c")]
+
+
+def test_forget_file_and_expiry_end_downloads() -> None:
     r = reg()
     r.register("a", b"ra", ep(1), [], now=0.0)
-    r.claim_origin_blocks(F1, "a", [7], now=0.0)
-    r.register("a", b"ra", ep(1), [], now=0.5)  # a restarted peer is not fetching block 7 any more
-    assert r.origin_claims(F1, now=0.5, idle_s=2.0) == {}
+    r.note_active("a", F1, 0.0)
+    r.note_active("a", F2, 0.0)
+    r.forget_file(F1)
+    assert active_names(r, F1, 0.0) == []
+    assert active_names(r, F2, 0.0) == [(0, "a")]
+    assert r.expire(EXPIRY) == ["a"]
+    assert active_names(r, F2, EXPIRY, idle_s=100.0) == []
 
 
-def test_a_new_claim_takes_over_a_block() -> None:
-    r = reg()
+def test_a_benched_downloader_is_left_out_of_the_trees() -> None:
+    r = Registry(EXPIRY, strike_limit=1, bench_s=10.0)
     r.register("a", b"ra", ep(1), [], now=0.0)
     r.register("b", b"rb", ep(2), [], now=0.0)
-    r.claim_origin_blocks(F1, "a", [0, 1], now=0.0)
-    r.claim_origin_blocks(F1, "b", [1], now=0.0)
-    assert r.origin_claims(F1, now=0.0, idle_s=2.0) == {0: "a", 1: "b"}
-
-
-def test_forget_file_drops_origin_claims() -> None:
-    r = reg()
-    r.register("a", b"ra", ep(1), [], now=0.0)
-    r.claim_origin_blocks(F1, "a", [0], now=0.0)
-    r.claim_origin_blocks(F2, "a", [0], now=0.0)
-    r.forget_file(F1)
-    assert r.origin_claims(F1, now=0.0, idle_s=2.0) == {}
-    assert r.origin_claims(F2, now=0.0, idle_s=2.0) == {0: "a"}
+    r.note_active("a", F1, 0.0)
+    r.note_active("b", F1, 0.0)
+    assert r.report_bad("a", F1, [(0, 1)], "checksum mismatch", now=0.5)
+    assert active_names(r, F1, 0.5) == [(1, "b")]

@@ -1,0 +1,681 @@
+"""The in-memory swarm: the real tracker and peer cores on a simulated clock and network.
+
+Theory of operation
+-------------------
+`SimSwarm` wires one `Tracker` (broker/tracker.py) and N `SimPeer`s (each a `PeerDriver`,
+peer/driver.py, the same class the real agent extends) together, with no sockets and no wall
+clock. Time is an event heap: every message is an event at the time it would arrive, every core
+is woken at the deadline it reports. Messages are the protocol's own message objects (not
+encoded: the codec has its own tests), so the policy that runs here is the policy that runs on
+the wire, line for line; only the I/O below `PeerDriver` (the `io_*` methods) is simulated.
+
+Links. Every host has an uplink and a downlink capacity (bits/s) and a one-way latency. Segment
+data crosses the sender's uplink as a FIFO (a reply occupies it for its wire size over the
+rate, after whatever is queued before it) and then the receiver's downlink (likewise), so a
+host's total rate is exact and a busy uplink delays what is queued behind it, as `tc tbf` does;
+the share between flows is first come first served rather than TCP's fair share (see
+docs/ARCHITECTURE.md, "What the simulation leaves out"). Wire size is payload x 1.045 plus a
+header: Ethernet, IP and TCP headers on 1448-byte segments, which is what `tc` counts. Control
+messages (requests, tracker dialog, heartbeats) take the latency only.
+
+Data. Payloads are views of one shared buffer of zeros, of the right length, so a download of
+1 GiB moves no bytes; `SimManifest` verifies a payload by where its bytes come from (a lying
+peer's buffer fails) instead of hashing. Everything else (lengths, runs, missing segments,
+refusals, timeouts, plans, relay trees, endgame) is the real code's.
+
+Faults: `kill` (a peer stops answering anything and heartbeats stop), `pause`/`resume` (SIGSTOP:
+it neither reads nor sends until resumed, then handles its backlog), `lie` (it serves bytes that
+fail verification), `restart_broker` (a new tracker with an empty registry and a new session id).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blake3 import blake3
+
+from broker.tracker import Tracker, TrackerSettings
+from common.errors import WireCode
+from common.manifest import DIGEST_SIZE, SEGMENT_SIZE, Manifest, segment_count
+from common.metrics import Metrics
+from common.protocol import (
+    MAX_RUN_SEGMENTS,
+    Error,
+    FileEntry,
+    Heartbeat,
+    Holding,
+    Message,
+    Register,
+    SegmentData,
+)
+from common.ranges import Run, SegmentSet
+from common.segserver import PARK_MAX_S
+from peer.driver import GetFuture, Job, PeerDriver
+from peer.session import RegistrationChanged
+from peer.transfer import Command, GetResult, SendRequest, TransferSettings, TransferState, Write
+
+WIRE_OVERHEAD = 1.045  # (1448 + 66) / 1448: headers per full TCP segment, as tc counts bytes
+WIRE_HEADER_BYTES = 200  # ZMTP frames, msgpack header, TCP ack traffic: per message
+_GOOD_BYTES = bytes(MAX_RUN_SEGMENTS * SEGMENT_SIZE)
+_BAD_BYTES = bytes(MAX_RUN_SEGMENTS * SEGMENT_SIZE)
+_GOOD = memoryview(_GOOD_BYTES)
+_BAD = memoryview(_BAD_BYTES)
+ORIGIN = "broker"
+
+
+class SimManifest(Manifest):
+    """A manifest whose verification looks at where a simulated payload came from: bytes from a
+    lying peer fail, bytes from anyone else pass; lengths are checked as for real data."""
+
+    def split_verified(self, first: int, count: int, data: bytes | memoryview) -> tuple[list[Run], list[Run]]:
+        if not count:
+            return [], []
+        if isinstance(data, memoryview) and data.obj is _BAD_BYTES:
+            return [], [(first, count)]
+        if len(data) >= self.run_length(first, count):
+            return [(first, count)], []
+        whole = len(data) // self.segment_size
+        good = [(first, whole)] if whole else []
+        return good, [(first + whole, count - whole)]
+
+
+def sim_manifest(name: str, size: int, seed: int = 0) -> SimManifest:
+    """A manifest for a file of `size` bytes whose content is never materialised: its digests
+    are pseudo-random (distinct per segment), its file_id their blake3 as usual."""
+    n = segment_count(size)
+    digests = blake3(f"zswarm-sim-{name}-{seed}".encode()).digest(length=n * DIGEST_SIZE)
+    return SimManifest(name=name, size=size, digests=digests)
+
+
+# --------------------------------------------------------------------------- clock and links
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.hosts: list[Host] = []
+        self.now = 0.0
+        self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._seq = itertools.count()
+        self.events = 0
+
+    def at(self, when: float, fn: Callable[..., None], *args: Any) -> None:
+        heapq.heappush(self._heap, (max(when, self.now), next(self._seq), fn, args))
+
+    def flows_into(self, host: Host) -> list[Flow]:
+        return [f for h in self.hosts for f in h.flows if f.to is host]
+
+    def run(self, until: float, stop: Callable[[], bool] = lambda: False) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= until:
+            when, _, fn, args = heapq.heappop(heap)
+            self.now = when
+            self.events += 1
+            fn(*args)
+            if stop():
+                return
+        self.now = max(self.now, until) if not heap else self.now
+
+
+class Host:
+    """A machine: an uplink shared fairly by the flows it sends (processor sharing, as TCP
+    connections share a `tc tbf` uplink), a downlink capacity and a one-way latency."""
+
+    def __init__(self, clock: Clock, name: str, up_bps: float, down_bps: float = math.inf, latency_s: float = 0.0001):
+        self.clock = clock
+        self.name = name
+        self.up_Bps = up_bps / 8
+        self.down_Bps = down_bps / 8
+        self.latency_s = latency_s
+        self.flows: list[Flow] = []  # sending now
+        self.incoming = 0  # flows arriving now (for the downlink share)
+        self.payload_sent = 0
+        self.wire_sent = 0
+        self.timeline: list[tuple[float, int]] = []  # (time, payload sent so far)
+        self._last = 0.0
+        self._version = 0
+
+    def send(self, nbytes: int, to: Host, on_arrival: Callable[[], None]) -> Flow:
+        """Start sending `nbytes` of payload to `to`; `on_arrival` runs when the last byte is in."""
+        flow = Flow(self, to, nbytes, nbytes * WIRE_OVERHEAD + WIRE_HEADER_BYTES, on_arrival)
+        self._advance()
+        self.flows.append(flow)
+        to.incoming += 1
+        self._retime(to)
+        return flow
+
+    def cancel(self, flow: Flow) -> None:
+        """The connection closed: what was not sent yet is never sent."""
+        if flow.done or flow not in self.flows:
+            return
+        self._advance()
+        self.flows.remove(flow)
+        flow.done = True
+        flow.to.incoming -= 1
+        self.wire_sent += int(flow.wire - flow.remaining)
+        self._retime(flow.to)
+
+    def _advance(self) -> None:
+        now = self.clock.now
+        elapsed = now - self._last
+        if elapsed > 0:
+            for flow in self.flows:
+                flow.remaining -= flow.rate * elapsed
+        self._last = now
+
+    def _retime(self, changed: Host | None = None) -> None:
+        """New rates for this uplink's flows, and for the flows into a host whose downlink share
+        changed; then one timer at this uplink's next completion."""
+        self._rate_flows()
+        self._arm()
+        if changed is not None and changed.down_Bps != math.inf:
+            for host in {f.origin for f in self.clock.flows_into(changed)} - {self}:
+                host._advance()
+                host._rate_flows()
+                host._arm()
+
+    def _rate_flows(self) -> None:
+        flows = self.flows
+        if not flows:
+            return
+        share = self.up_Bps / len(flows)
+        for flow in flows:
+            to = flow.to
+            flow.rate = share if to.down_Bps == math.inf else min(share, to.down_Bps / max(to.incoming, 1))
+
+    def _arm(self) -> None:
+        self._version += 1
+        if not self.flows:
+            return
+        now = self.clock.now
+        soonest = min(max(f.remaining, 0.0) / f.rate for f in self.flows)
+        self.clock.at(now + soonest, self._on_timer, self._version)
+
+    def _on_timer(self, version: int) -> None:
+        if version != self._version:
+            return
+        self._advance()
+        finished = [f for f in self.flows if f.remaining <= 1e-3]
+        if not finished:
+            self._arm()
+            return
+        now = self.clock.now
+        changed: set[Host] = set()
+        for flow in finished:
+            self.flows.remove(flow)
+            flow.done = True
+            flow.to.incoming -= 1
+            changed.add(flow.to)
+            self.payload_sent += flow.nbytes
+            self.wire_sent += int(flow.wire)
+            self.clock.at(now + self.latency_s, flow.on_arrival)
+        self.timeline.append((now, self.payload_sent))
+        self._rate_flows()
+        self._arm()
+        for host in changed:
+            if host.down_Bps != math.inf:
+                self._retime(host)
+
+
+class Flow:
+    __slots__ = ("done", "nbytes", "on_arrival", "origin", "rate", "remaining", "to", "wire")
+
+    def __init__(self, origin: Host, to: Host, nbytes: int, wire: float, on_arrival: Callable[[], None]) -> None:
+        self.origin, self.to, self.nbytes, self.wire = origin, to, nbytes, wire
+        self.remaining = wire
+        self.rate = 0.0
+        self.done = False
+        self.on_arrival = on_arrival
+
+
+# --------------------------------------------------------------------------- peers
+
+
+class SimPeer(PeerDriver):
+    def __init__(self, swarm: SimSwarm, host: Host, name: str, settings: TransferSettings) -> None:
+        super().__init__(name, settings, Metrics(), swarm.clock.now, manifest_type=SimManifest)
+        self.publish_progress = False
+        self.swarm = swarm
+        self.host = host
+        self.endpoint = f"tcp://{host.name}:7000"
+        self.routing_id = name.encode()
+        self.held: dict[bytes, SegmentSet] = {}
+        self.manifests: dict[bytes, Manifest] = {}
+        self.alive = True
+        self.lying = False
+        self.paused = False
+        self._backlog: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._wake_at = math.inf
+        self._parked: dict[bytes, list[_Parked]] = {}  # requests waiting for segments being fetched
+        self.done_at: dict[str, float] = {}
+        self.errors: dict[str, str] = {}
+
+    # ---- time
+
+    @property
+    def now(self) -> float:
+        return self.swarm.clock.now
+
+    def after_input(self) -> None:
+        """What the agent's loop does after every wake-up: tick, then sleep until the deadline."""
+        if not self.alive or self.paused:
+            return
+        now = self.now
+        self.tick(now)
+        deadline = self.next_deadline(now)
+        if deadline is not None and deadline < self._wake_at:
+            self._wake_at = deadline
+            self.swarm.clock.at(deadline, self._on_wake, deadline)
+
+    def _on_wake(self, scheduled: float) -> None:
+        if scheduled != self._wake_at:
+            return  # a later input re-armed an earlier or later wake-up
+        self._wake_at = math.inf
+        self.after_input()
+
+    def _input(self, fn: Callable[..., None], *args: Any) -> None:
+        if not self.alive:
+            return
+        if self.paused:
+            self._backlog.append((fn, args))
+            return
+        fn(*args)
+        self.after_input()
+
+    # ---- starting
+
+    def start(self) -> None:
+        now = self.now
+        self.apply_session(self.session.register(now), now)
+        self.after_input()
+
+    def get(self, name: str, timeout_s: float = 3600.0) -> GetFuture:
+        future = self.start_get(name, timeout_s, lambda: None, self.now)
+        start = self.now
+
+        def done(f: GetFuture) -> None:
+            if f.cancelled():
+                self.errors[name] = "cancelled"
+            elif f.exception() is not None:
+                self.errors[name] = str(f.exception())
+            else:
+                self.done_at[name] = self.now - start
+
+        future.add_done_callback(done)
+        self.after_input()
+        return future
+
+    def seed(self, manifest: Manifest) -> None:
+        """Hold a complete copy before starting (as if downloaded earlier)."""
+        self.manifests[manifest.file_id] = manifest
+        self.held[manifest.file_id] = SegmentSet.full(manifest.segment_count)
+
+    # ---- I/O for the driver
+
+    def io_send_tracker(self, message: Message) -> None:
+        self.swarm.to_tracker(self, message)
+
+    def io_send_register(self, rid: int) -> None:
+        holdings = tuple(Holding(fid, tuple(held.runs())) for fid, held in self.held.items() if held)
+        self.io_send_tracker(Register(rid, self.peer_name, self.endpoint, holdings))
+
+    def io_publish_heartbeat(self) -> None:
+        self.swarm.heartbeat(self)
+
+    def io_connect_heartbeat(self, endpoint: str) -> None:
+        pass
+
+    def on_registration_event(self, change: RegistrationChanged) -> None:
+        pass
+
+    def io_send_request(self, job: Job, command: SendRequest) -> None:
+        request = command.request
+        server = self.swarm.servers[command.endpoint]
+        key = (id(self), id(job), request.id)
+        self.swarm._open[key] = None
+        self.swarm.clock.at(
+            self.now + self.host.latency_s,
+            server.on_segment_request,
+            self,
+            job,
+            key,
+            command.file_id,
+            request.first,
+            request.count,
+        )
+
+    def io_abandon_request(self, job: Job, request_id: int) -> None:
+        """The REQ socket is closed: a request not yet read is never served, a reply being sent
+        stops, a reply already on its way is dropped."""
+        flow = self.swarm._open.pop((id(self), id(job), request_id), None)
+        if flow is not None:
+            flow.origin.cancel(flow)
+
+    def io_write(self, job: Job, command: Write, now: float) -> list[Command]:
+        manifest = job.transfer.manifest
+        assert manifest is not None
+        held = self.held.setdefault(manifest.file_id, SegmentSet())
+        held.add(command.first, command.count)
+        job.transfer.on_written(command.source, command.first, command.count)
+        parked = self._parked.get(manifest.file_id)
+        if parked:
+            ready = [p for p in parked if held.covers(p.first, p.count)]
+            for p in ready:
+                parked.remove(p)
+                self._serve(p.client, p.job, p.key, manifest.file_id, p.first, p.count)
+        return []
+
+    def io_prepare(self, job: Job, manifest: Manifest, now: float) -> list[Command]:
+        self.manifests[manifest.file_id] = manifest
+        held = self.held.setdefault(manifest.file_id, SegmentSet()).copy()
+        return job.transfer.on_prepared(held, now)
+
+    def io_finish(self, job: Job, manifest: Manifest, now: float) -> list[Command]:
+        return job.transfer.on_finished(Path(manifest.name), now)
+
+    def io_load_manifest(self, file_id: bytes) -> Manifest | None:
+        return self.manifests.get(file_id)
+
+    def io_cached_manifest(self, name: str) -> Manifest | None:
+        return next((m for m in self.manifests.values() if m.name == name), None)
+
+    # ---- deliveries (called by the clock)
+
+    def receive_tracker(self, reply: Message) -> None:
+        self._input(lambda: self.on_tracker_reply(reply, self.now))
+
+    def receive_segment(self, job: Job, request_id: int, reply: Message) -> None:
+        self._input(lambda: self.on_segment_reply(job, request_id, reply, self.now))
+
+    # ---- serving
+
+    def on_segment_request(
+        self, client: SimPeer, job: Job, key: tuple[int, int, int], file_id: bytes, first: int, count: int
+    ) -> None:
+        if not self.alive:
+            return
+        if self.paused:
+            self._backlog.append((self.on_segment_request, (client, job, key, file_id, first, count)))
+            return
+        held = self.held.get(file_id)
+        if self._fetching(file_id) and (held is None or not held.covers(first, count)):
+            # A relay parent: hold the request until the segments are here (cut-through).
+            self._parked.setdefault(file_id, []).append(_Parked(client, job, key, first, count))
+            self.swarm.clock.at(self.now + PARK_MAX_S, self._park_expired, file_id, key)
+            return
+        self._serve(client, job, key, file_id, first, count)
+
+    def _serve(
+        self, client: SimPeer, job: Job, key: tuple[int, int, int], file_id: bytes, first: int, count: int
+    ) -> None:
+        held = self.held.get(file_id)
+        manifest = self.manifests.get(file_id)
+        later = self._fetching(file_id)
+        self.swarm.serve(self.host, client, job, key, file_id, first, count, held, manifest, self.lying, later)
+
+    def _fetching(self, file_id: bytes) -> bool:
+        return any(
+            j.transfer.state is TransferState.FETCHING and j.transfer.manifest is not None
+            and j.transfer.manifest.file_id == file_id
+            for j in self.jobs.values()
+        )
+
+    def _park_expired(self, file_id: bytes, key: tuple[int, int, int]) -> None:
+        parked = self._parked.get(file_id, [])
+        for p in parked:
+            if p.key == key:
+                parked.remove(p)
+                if self.alive and not self.paused:
+                    self._serve(p.client, p.job, p.key, file_id, p.first, p.count)
+                return
+
+    # ---- faults
+
+    def kill(self) -> None:
+        self.alive = False
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        backlog, self._backlog = self._backlog, []
+        for fn, args in backlog:
+            fn(*args)
+        self.after_input()
+
+
+@dataclass(frozen=True)
+class _Parked:
+    client: SimPeer
+    job: Job
+    key: tuple[int, int, int]
+    first: int
+    count: int
+
+
+class SimOrigin:
+    """The broker's origin segment server: it holds every file of the catalog."""
+
+    def __init__(self, swarm: SimSwarm, host: Host) -> None:
+        self.swarm = swarm
+        self.host = host
+        self.endpoint = f"tcp://{host.name}:5557"
+
+    def on_segment_request(
+        self, client: SimPeer, job: Job, key: tuple[int, int, int], file_id: bytes, first: int, count: int
+    ) -> None:
+        manifest = self.swarm.manifests_by_id.get(file_id)
+        held = SegmentSet.full(manifest.segment_count) if manifest is not None else None
+        self.swarm.serve(self.host, client, job, key, file_id, first, count, held, manifest, False)
+
+
+# --------------------------------------------------------------------------- the swarm
+
+
+class SimCatalog:
+    """The tracker's view of the broker's files, in memory."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, _Entry] = {}
+
+    def by_name(self, name: str) -> _Entry | None:
+        return self.files.get(name)
+
+    def by_id(self, file_id: bytes) -> _Entry | None:
+        return next((e for e in self.files.values() if e.manifest.file_id == file_id), None)
+
+    def entries(self) -> Sequence[_Entry]:
+        return list(self.files.values())
+
+    def rebuilding(self, name: str) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class _Entry:
+    manifest: Manifest
+
+
+@dataclass
+class SimSettings:
+    heartbeat_interval_s: float = 1.0
+    heartbeat_liveness: int = 3
+    plan_block_segments: int = 64
+    origin_lanes: int = 2
+    relay_fanout: int = 4
+    download_idle_s: float = 2.0
+    plan_policy: str = "swarm"
+    peer: TransferSettings = field(default_factory=TransferSettings)
+
+
+class SimSwarm:
+    def __init__(self, settings: SimSettings | None = None, origin_up_bps: float = 100e6, seed: int = 0) -> None:
+        self.settings = settings or SimSettings()
+        self.clock = Clock()
+        self.rng = random.Random(seed)
+        self.broker_host = Host(self.clock, "broker", origin_up_bps)
+        self.clock.hosts.append(self.broker_host)
+        self._open: dict[tuple[int, int, int], Flow | None] = {}  # requests whose reply is wanted
+        self.catalog = SimCatalog()
+        self.manifests_by_id: dict[bytes, Manifest] = {}
+        self.origin = SimOrigin(self, self.broker_host)
+        self.peers: dict[str, SimPeer] = {}
+        self.by_routing: dict[bytes, SimPeer] = {}
+        self.servers: dict[str, SimPeer | SimOrigin] = {self.origin.endpoint: self.origin}
+        self.tracker = self._new_tracker(session=1)
+        self._tracker_wake = math.inf
+
+    def _new_tracker(self, session: int) -> Tracker:
+        s = self.settings
+        return Tracker(
+            TrackerSettings(
+                heartbeat_endpoint="tcp://broker:5556",
+                origin_endpoint=self.origin.endpoint,
+                heartbeat_interval_s=s.heartbeat_interval_s,
+                heartbeat_liveness=s.heartbeat_liveness,
+                plan_policy=s.plan_policy,
+                plan_block_segments=s.plan_block_segments,
+                origin_lanes=s.origin_lanes,
+                relay_fanout=s.relay_fanout,
+                download_idle_s=s.download_idle_s,
+            ),
+            self.catalog,
+            session,
+            Metrics(),
+        )
+
+    # ---- building
+
+    def add_file(self, name: str, size: int) -> SimManifest:
+        manifest = sim_manifest(name, size)
+        self.catalog.files[name] = _Entry(manifest)
+        self.manifests_by_id[manifest.file_id] = manifest
+        return manifest
+
+    def add_peer(
+        self,
+        name: str,
+        up_bps: float,
+        down_bps: float = math.inf,
+        latency_s: float = 0.0001,
+        settings: TransferSettings | None = None,
+        start: bool = True,
+    ) -> SimPeer:
+        host = Host(self.clock, name, up_bps, down_bps, latency_s)
+        self.clock.hosts.append(host)
+        peer = SimPeer(self, host, name, settings or self.settings.peer)
+        self.peers[name] = peer
+        self.by_routing[peer.routing_id] = peer
+        self.servers[peer.endpoint] = peer
+        if start:
+            peer.start()
+        return peer
+
+    # ---- the tracker side
+
+    def to_tracker(self, peer: SimPeer, message: Message) -> None:
+        self.clock.at(self.clock.now + peer.host.latency_s, self._tracker_receive, peer, message)
+
+    def _tracker_receive(self, peer: SimPeer, message: Message) -> None:
+        now = self.clock.now
+        for routing_id, reply in self.tracker.on_request(message, peer.routing_id, now):
+            target = self.by_routing.get(routing_id)
+            if target is not None:
+                self.clock.at(now + target.host.latency_s, target.receive_tracker, reply)
+        self._arm_tracker()
+
+    def heartbeat(self, peer: SimPeer) -> None:
+        self.clock.at(self.clock.now + peer.host.latency_s, self._on_heartbeat, peer.peer_name)
+
+    def _on_heartbeat(self, name: str) -> None:
+        self.tracker.on_heartbeat(name, self.clock.now)
+
+    def _arm_tracker(self) -> None:
+        deadline = self.tracker.next_deadline()
+        if deadline is not None and deadline < self._tracker_wake:
+            self._tracker_wake = deadline
+            self.clock.at(deadline, self._tracker_tick, deadline)
+
+    def _tracker_tick(self, scheduled: float) -> None:
+        if scheduled != self._tracker_wake:
+            return
+        self._tracker_wake = math.inf
+        self.tracker.tick(self.clock.now)
+        self._arm_tracker()
+
+    def restart_broker(self) -> None:
+        """The broker process restarts: a new tracker, nothing registered, a new session id."""
+        self.tracker = self._new_tracker(session=self.tracker.session + 1)
+        self._tracker_wake = math.inf
+
+    def list_files(self) -> list[FileEntry]:
+        return [FileEntry(e.manifest.name, e.manifest.size, e.manifest.file_id) for e in self.catalog.entries()]
+
+    # ---- serving segments
+
+    def serve(
+        self,
+        host: Host,
+        client: SimPeer,
+        job: Job,
+        key: tuple[int, int, int],
+        file_id: bytes,
+        first: int,
+        count: int,
+        held: SegmentSet | None,
+        manifest: Manifest | None,
+        lying: bool,
+        later: bool = False,
+    ) -> None:
+        if key not in self._open:
+            return  # the client closed that socket before the request was read
+        request_id = key[2]
+        present = held.intersect_run(first, count) if held is not None and manifest is not None else []
+        reply: Message
+        if manifest is None or (not present and not later):
+            reply = Error(0, WireCode.NOT_HELD, "none of these segments is held")
+            self.clock.at(self.clock.now + host.latency_s, self._deliver, client, job, key, reply)
+            return
+        nbytes = sum(manifest.run_length(f, c) for f, c in present)
+        absent = tuple(SegmentSet(present).missing_in_run(first, count))
+        payload = (_BAD if lying else _GOOD)[:nbytes]
+        missing, not_yet = ((), absent) if later else (absent, ())
+        reply = SegmentData(file_id, first, count, missing, not_yet, payload=payload)
+        if not nbytes:
+            self.clock.at(self.clock.now + host.latency_s, self._deliver, client, job, key, reply)
+            return
+        self._open[key] = host.send(nbytes, client.host, lambda: self._deliver(client, job, key, reply))
+        del request_id
+
+    def _deliver(self, client: SimPeer, job: Job, key: tuple[int, int, int], reply: Message) -> None:
+        if self._open.pop(key, "closed") == "closed":
+            return  # abandoned: its socket was closed, the reply is dropped
+        client.receive_segment(job, key[2], reply)
+
+    # ---- running
+
+    def run(self, until: float, stop: Callable[[], bool] = lambda: False) -> None:
+        self.clock.run(until, stop)
+
+    def run_until_done(self, name: str, peers: Sequence[SimPeer], limit_s: float) -> bool:
+        """Run until every peer in `peers` finished (or failed) `name`, or `limit_s` of sim time."""
+
+        def all_done() -> bool:
+            return all(name in p.done_at or name in p.errors for p in peers)
+
+        self.run(self.clock.now + limit_s, all_done)
+        return all_done()
+
+    def origin_copies(self, manifest: Manifest) -> float:
+        return self.broker_host.payload_sent / manifest.size if manifest.size else 0.0
+
+
+def result_of(future: GetFuture) -> GetResult:
+    return future.result(0)
