@@ -253,6 +253,13 @@ class Catalog:
 
     # ---- origin reads (SegmentReader)
 
+    def fetching(self, file_id: bytes) -> bool:
+        return False  # the origin fetches nothing: what it lacks, it lacks
+
+    def holds(self, file_id: bytes, first: int, count: int) -> bool:
+        entry = self.by_id(file_id)
+        return entry is not None and first + count <= entry.manifest.segment_count
+
     def read_run(self, file_id: bytes, first: int, count: int) -> tuple[bytes, list[Run]] | None:
         entry = self.by_id(file_id)
         if entry is None:

@@ -249,7 +249,8 @@ class Registry:
                 continue
             if record.benched_until > now:
                 continue
-            holder = Holder(name, record.endpoint, held.copy() if held else SegmentSet(), self.load_of(record, now))
+            # The live set, not a copy: planning reads it in this thread and keeps nothing.
+            holder = Holder(name, record.endpoint, held if held is not None else SegmentSet(), self.load_of(record, now))
             out.append((position, holder))
         if not active:
             del self._active[file_id]

@@ -92,6 +92,7 @@ class TrackerService(ServiceThread):
             bench_s=config.bench_s,
         )
         self.tracker = Tracker(settings, self.catalog, random.getrandbits(63) + 1, self.metrics)
+        self.tracker.extra_stats = self._origin_stats
 
     def teardown(self) -> None:
         for sock in (self._router, self._sub):
@@ -172,13 +173,16 @@ class TrackerService(ServiceThread):
         for change in changes:
             self._send(tracker.on_catalog_change(change.name, change.old_file_id, now))
 
+    def _origin_stats(self) -> dict[str, Any]:
+        return {
+            "origin": self.origin.counters(),
+            "segments_served": self.origin.segments_served,
+            "loop_errors": self.loop_errors + self.origin.loop_errors,  # bugs met; service went on
+        }
+
     def stats(self) -> dict[str, Any]:
         assert self.tracker is not None
-        stats = self.tracker.stats(time.monotonic())
-        stats["origin"] = self.origin.counters()
-        stats["segments_served"] = self.origin.segments_served
-        stats["loop_errors"] = self.loop_errors + self.origin.loop_errors  # bugs met; service went on
-        return stats
+        return self.tracker.stats(time.monotonic())
 
 
 class Broker(Node):

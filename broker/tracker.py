@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import heapq
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -187,6 +187,8 @@ class Tracker:
         self.bench_log: list[dict[str, Any]] = []
         self._waiting: list[tuple[float, int, _WaitingGet]] = []  # heap by deadline
         self._waiting_seq = 0
+        # Figures of the broker's other threads (the origin's counters), added by the shell.
+        self.extra_stats: Callable[[], dict[str, Any]] | None = None
 
     # ---- inputs
 
@@ -466,4 +468,5 @@ class Tracker:
             "segments_relayed": int(snap.get("segments_relayed_total")),
             "benched": list(self.bench_log),
             "metrics": snap.flat(),
+            **(self.extra_stats() if self.extra_stats is not None else {}),
         }

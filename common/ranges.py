@@ -80,6 +80,16 @@ class SegmentSet:
         if count <= 0:
             return
         start, end = first, first + count
+        ends = self._ends
+        if not ends or start > ends[-1]:  # past the last run: the common case (in-order arrival)
+            self._starts.append(start)
+            ends.append(end)
+            self._count += count
+            return
+        if start == ends[-1]:  # touching the last run: extend it
+            ends[-1] = end
+            self._count += count
+            return
         # Every stored run that overlaps or touches [start, end) is merged into one.
         lo = bisect.bisect_left(self._ends, start)
         hi = bisect.bisect_right(self._starts, end)

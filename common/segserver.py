@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import zmq
@@ -32,6 +34,7 @@ MAX_REQUEST_FRAME = 4096  # a segment request header is ~60 bytes
 # long for them, then is answered with what is there and `later` for the rest: well inside the
 # downloader's shortest timeout (request_timeout_s, 2 s by default).
 PARK_MAX_S = 1.0
+MAX_PARKED = 4096  # requests waiting at once, all clients together (a few hundred bytes each)
 _BATCH = 64  # requests handled per wake-up before polling again
 
 
@@ -44,8 +47,22 @@ class SegmentReader(Protocol):
     def read_run(self, file_id: bytes, first: int, count: int) -> tuple[bytes, list[Run]] | None:
         """(present segments concatenated, missing runs), or None for an unknown file.
 
-        Raises ValueError when the run lies outside the file.
+        Raises ValueError when the run lies outside the file, SourceBusy on a transient error.
         """
+
+    def fetching(self, file_id: bytes) -> bool:
+        """True while this node downloads the file itself: a relay parent, whose children may
+        ask for segments before they arrive."""
+
+    def holds(self, file_id: bytes, first: int, count: int) -> bool:
+        """True when every segment of the run is held (no disk access)."""
+
+
+@dataclass
+class _Parked:
+    envelope: list[bytes]
+    request: SegmentRequest
+    deadline: float
 
 
 class SegmentServer(ServiceThread):
@@ -75,8 +92,14 @@ class SegmentServer(ServiceThread):
         self._bytes = self.metrics.counter("served_bytes_total", "payload bytes served")
         self._refused = self.metrics.counter("refused_requests_total", "requests answered with an error")
         self._malformed = self.metrics.counter("malformed_requests_total", "undecodable segment requests")
+        self._parked_gauge = self.metrics.gauge("parked_requests", "requests waiting for segments being fetched")
+        self._later = self.metrics.counter("later_segments_total", "segments answered `later` (still being fetched)")
         self.published: Snapshot = self.metrics.snapshot()
         self._dirty = False
+        self._parked: dict[bytes, list[_Parked]] = {}
+        self._parked_count = 0
+        self._held_changed: set[bytes] = set()
+        self._held_lock = threading.Lock()
         self._bad_log = RateLimitedLog(log)
         self._sock: zmq.Socket[Any] | None = None
 
@@ -99,9 +122,19 @@ class SegmentServer(ServiceThread):
             self._sock.close(linger=0)
         self.published = self.metrics.snapshot()
 
+    def notify_held(self, file_id: bytes) -> None:
+        """Segments of this file were just written (any thread): parked requests may be ready."""
+        if not self._parked_count:
+            return
+        with self._held_lock:
+            self._held_changed.add(file_id)
+        self.wakeup.wake()
+
     def next_timeout_ms(self, now: float) -> int:
-        if self._delayed:
-            return max(0, min(1000, int((self._delayed[0][0] - now) * 1000) + 1))
+        deadlines = [self._delayed[0][0]] if self._delayed else []
+        deadlines += [p.deadline for parked in self._parked.values() for p in parked[:1]]
+        if deadlines:
+            return max(0, min(1000, int((min(deadlines) - now) * 1000) + 1))
         return 1000
 
     def run_once(self, timeout_ms: int) -> None:
@@ -109,19 +142,44 @@ class SegmentServer(ServiceThread):
         sock = self._sock
         if sock is None:
             return
+        now = time.monotonic()
         if self._delayed:
-            self._send_due(sock, time.monotonic())
-        if sock not in events:
-            return
-        for _ in range(_BATCH):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            self._handle(sock, frames)
+            self._send_due(sock, now)
+        if self._parked:
+            self._release_parked(sock, now)
+        if sock in events:
+            for _ in range(_BATCH):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._handle(sock, frames)
         if self._dirty:
             self._dirty = False
             self.published = self.metrics.snapshot()
+
+    def _release_parked(self, sock: zmq.Socket[Any], now: float) -> None:
+        """Answer parked requests whose segments arrived, or whose time is up."""
+        with self._held_lock:
+            changed, self._held_changed = self._held_changed, set()
+        for file_id in list(self._parked):
+            parked = self._parked[file_id]
+            ready = [
+                p
+                for p in parked
+                if p.deadline <= now
+                or (file_id in changed and self.reader.holds(file_id, p.request.first, p.request.count))
+            ]
+            if not ready:
+                continue
+            for p in ready:
+                parked.remove(p)
+                self._parked_count -= 1
+                self._send(sock, p.envelope, self._serve(p.request, may_park=False))
+            if not parked:
+                del self._parked[file_id]
+            self._parked_gauge.set(self._parked_count)
+            self._dirty = True
 
     def _handle(self, sock: zmq.Socket[Any], frames: list[bytes]) -> None:
         # REQ envelope: [routing id, empty delimiter, request frames...]
@@ -134,14 +192,34 @@ class SegmentServer(ServiceThread):
             request = cast(
                 SegmentRequest, protocol.decode(frames[2:], MAX_REQUEST_FRAME, allowed=(SegmentRequest,))
             )
-            reply = self._serve(request)
+            reply = self._serve(request, may_park=True, envelope=envelope)
         except MalformedMessage as exc:
             self._malformed.inc()
             self._bad_log.warning("%s: malformed segment request: %s", self.name, exc)
             reply = Error(0, WireCode.MALFORMED, str(exc))
-        self._send(sock, envelope, reply)
+        if reply is not None:
+            self._send(sock, envelope, reply)
 
-    def _serve(self, request: SegmentRequest) -> SegmentData | Error:
+    def _serve(
+        self, request: SegmentRequest, may_park: bool, envelope: list[bytes] | None = None
+    ) -> SegmentData | Error | None:
+        """The reply to a request, or None when it was parked (a relay parent still fetching
+        the segments holds the request until they arrive or PARK_MAX_S passes)."""
+        file_id = request.file_id
+        fetching = self.reader.fetching(file_id)
+        if (
+            may_park
+            and fetching
+            and envelope is not None
+            and self._parked_count < MAX_PARKED
+            and not self.reader.holds(file_id, request.first, request.count)
+        ):
+            self._parked.setdefault(file_id, []).append(
+                _Parked(envelope, request, time.monotonic() + PARK_MAX_S)
+            )
+            self._parked_count += 1
+            self._parked_gauge.set(self._parked_count)
+            return None
         self._requests.inc()
         try:
             found = self.reader.read_run(request.file_id, request.first, request.count)
@@ -158,14 +236,18 @@ class SegmentServer(ServiceThread):
         if found is None:
             self._refused.inc()
             return Error(0, WireCode.NOT_HELD, "file not held")
-        payload, missing = found
-        missing_count = sum(c for _, c in missing)
-        if missing_count == request.count:
+        payload, absent = found
+        absent_count = sum(c for _, c in absent)
+        # Segments a relay parent is still fetching are `later` (ask again), not refused.
+        missing, later = ((), tuple(absent)) if fetching else (tuple(absent), ())
+        if later:
+            self._later.inc(absent_count)
+        if absent_count == request.count and not later:
             self._refused.inc()
             return Error(0, WireCode.NOT_HELD, "none of these segments is held")
-        self._segments.inc(request.count - missing_count)
+        self._segments.inc(request.count - absent_count)
         self._bytes.inc(len(payload))
-        return SegmentData(request.file_id, request.first, request.count, tuple(missing), payload=payload)
+        return SegmentData(request.file_id, request.first, request.count, missing, later, payload=payload)
 
     def _send(self, sock: zmq.Socket[Any], envelope: list[bytes], reply: SegmentData | Error) -> None:
         frames: list[Any] = [*envelope, *protocol.encode(reply)]

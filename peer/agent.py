@@ -283,6 +283,8 @@ class Agent(ServiceThread, PeerDriver):
         return self.store.manifest_named(name)
 
     def io_job_ended(self, job: Job) -> None:
+        if job.transfer.manifest is not None:
+            self.store.stop_fetching(job.transfer.manifest.file_id)
         for sock in job.io.get("sockets", {}).values():
             self._close_socket(sock)
         job.io.pop("sockets", None)

@@ -3,10 +3,17 @@
     zswarm-peer -c peer.yaml              a prompt: get NAME, ls, remote, status, rescan, quit
     zswarm-peer -c peer.yaml get NAME     download one file and exit (progress bar on a terminal)
     zswarm-peer -c peer.yaml serve        serve what it holds until Ctrl-C / SIGTERM
+    zswarm-peer -c peer.yaml control      JSON-lines commands on stdin, events on stdout
 
 With --json, the prompt prints no prompt text and answers every command with one JSON line
-(`{"ok": true, "cmd": ..., "result": ...}` or `{"ok": false, "cmd": ..., "error": ...}`); this is
-how scripts and the tests drive peer processes.
+(`{"ok": true, "cmd": ..., "result": ...}` or `{"ok": false, "cmd": ..., "error": ...}`), one
+command at a time.
+
+`control` is how programs (the launcher in launcher/, the tests, the benchmarks) drive a peer
+process: several commands in flight at once, each answered by id, a get streaming its progress.
+The protocol is described in common/cli.py; the ops are `PeerControl`'s below. A get's
+cancellation is wired up before the next command is read (`PeerControl.admit_get`), so a `cancel`
+sent right after a `get` always finds it.
 """
 
 from __future__ import annotations
@@ -16,15 +23,31 @@ import json
 import shlex
 import signal
 import sys
-from dataclasses import asdict
+import threading
+import time
+from concurrent.futures import CancelledError, wait
+from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import Any
 
-from common.cli import EXIT_FAILURE, run_guarded, setup_logging, stop_event_on_signals
-from common.errors import ZswarmError
+from common.cli import (
+    EXIT_FAILURE,
+    Command,
+    finish_control,
+    run_guarded,
+    serve_control,
+    setup_logging,
+    stop_event_on_signals,
+)
+from common.errors import TransferError, ZswarmError
+from common.subscription import Closed
+from peer.driver import GetFuture
 from peer.config import PeerConfig
 from peer.service import Peer
-from peer.transfer import GetResult
+from peer.transfer import CancelledTransfer, GetResult, Progress
+
+PROGRESS_EVERY_S = 0.1  # at most ten progress events a second per get
+DEFAULT_GET_TIMEOUT_S = 3600.0
 
 HELP = """commands:
   get NAME     download NAME from the swarm
@@ -164,6 +187,133 @@ def run_prompt(peer: Peer, as_json: bool) -> int:
             print(render(command, result), flush=True)
 
 
+# --------------------------------------------------------------------------------- control
+
+
+def progress_dict(snap: Progress) -> dict[str, Any]:
+    return {
+        "name": snap.name,
+        "state": snap.state.value,
+        "done": snap.done,
+        "segments": snap.segments,
+        "bytes_done": snap.bytes_done,
+        "size": snap.size,
+        "rate_bps": round(snap.rate_bps, 1),
+    }
+
+
+@dataclass(eq=False)
+class _GetSlot:
+    """A get of the control channel: its future once started, and whether a cancel came first."""
+
+    name: str
+    future: GetFuture | None = None
+    cancelled: bool = False
+
+
+class PeerControl:
+    """The peer's control ops (see common/cli.py for the protocol)."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+        self._lock = threading.Lock()
+        self._gets: dict[str, list[_GetSlot]] = {}
+
+    def ops(self) -> dict[str, Any]:
+        peer = self.peer
+        return {
+            "get": self.get,
+            "cancel": self.cancel,
+            "status": lambda cmd: peer.status(),
+            "files": lambda cmd: peer.files(),
+            "remote": lambda cmd: [
+                {"name": f.name, "size": f.size, "file_id": f.file_id.hex()} for f in peer.list_remote()
+            ],
+            "broker_stats": lambda cmd: peer.broker_stats(),
+            "rescan": lambda cmd: peer.rescan(),
+            "metrics": lambda cmd: peer.metrics_snapshot().flat(),
+            "wait_registered": lambda cmd: peer.wait_registered(float(cmd.arg("timeout", (int, float), 10.0))),
+        }
+
+    def admit_get(self, cmd: Command) -> None:
+        name = cmd.arg("name", str)
+        cmd.arg("timeout", (int, float), DEFAULT_GET_TIMEOUT_S)  # checked now: nothing starts if wrong
+        slot = _GetSlot(name)
+        cmd.state["slot"] = slot
+        with self._lock:
+            self._gets.setdefault(name, []).append(slot)
+
+    def get(self, cmd: Command) -> dict[str, Any]:
+        slot: _GetSlot = cmd.state["slot"]
+        timeout = float(cmd.arg("timeout", (int, float), DEFAULT_GET_TIMEOUT_S))
+        try:
+            future = self.peer.start_get(slot.name, timeout)
+            with self._lock:
+                slot.future = future
+                cancel_now = slot.cancelled
+            if cancel_now:
+                future.cancel()
+            self._stream_progress(cmd, future, timeout)
+            try:
+                result = future.result(timeout + 5.0)
+            except CancelledError:
+                raise CancelledTransfer(f"{slot.name}: cancelled") from None
+            except TimeoutError:
+                raise TransferError(f"{slot.name}: not finished within {timeout} s") from None
+            return result_dict(result)
+        finally:
+            with self._lock:
+                slots = self._gets.get(slot.name, [])
+                if slot in slots:
+                    slots.remove(slot)
+                if not slots:
+                    self._gets.pop(slot.name, None)
+
+    @staticmethod
+    def _stream_progress(cmd: Command, future: GetFuture, timeout: float) -> None:
+        """Send the newest progress snapshot at most every PROGRESS_EVERY_S until the get ends
+        (the subscription keeps only the newest, so nothing queues up meanwhile)."""
+        subscription = future.progress()
+        deadline = time.monotonic() + timeout + 5.0
+        while not future.done() and time.monotonic() < deadline:
+            try:
+                snap = subscription.get(0.5)  # short: a cancelled future ends before its subscription
+            except Closed:
+                return
+            except TimeoutError:
+                continue
+            cmd.emit("progress", **progress_dict(snap))
+            wait([future], timeout=PROGRESS_EVERY_S)
+        try:
+            cmd.emit("progress", **progress_dict(subscription.get(0)))  # the final state, if unread
+        except (Closed, TimeoutError):
+            pass
+
+    def cancel(self, cmd: Command) -> dict[str, int]:
+        name = cmd.arg("name", str)
+        with self._lock:
+            slots = list(self._gets.get(name, []))
+            for slot in slots:
+                slot.cancelled = True
+        for slot in slots:
+            if slot.future is not None:
+                slot.future.cancel()
+        return {"cancelled": len(slots)}
+
+
+def run_control(peer: Peer) -> int:
+    stop = stop_event_on_signals()
+    control = PeerControl(peer)
+    server = serve_control(
+        control.ops(),
+        {"event": "ready", "name": peer.name, "serve": peer.serve_endpoint},
+        stop,
+        admit={"get": control.admit_get},
+    )
+    peer.close()  # bye to the broker; gets still running fail with "closed"
+    return finish_control(server)
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean stop must not be interrupted
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -180,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     get.add_argument("name")
     get.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
     sub.add_parser("serve", help="serve until Ctrl-C or SIGTERM")
+    sub.add_parser("control", help="JSON-lines commands on stdin, events on stdout (for programs)")
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -192,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                 except ZswarmError as exc:
                     print(f"error: {exc}", file=sys.stderr)
                     return EXIT_FAILURE
+            if args.command == "control":
+                return run_control(peer)
             if args.command == "serve":
                 stop = stop_event_on_signals()
                 print(

@@ -69,6 +69,7 @@ class Peer(Node):
             self.config.serve_port,
             self.config.upload_limit_mib_s * 1024 * 1024,
         )
+        self.store.on_held = self._server.notify_held
         self._agent = Agent(self.config, transport, self.store, lambda: self.serve_endpoint, self.metrics)
         return [self._server, self._agent]
 

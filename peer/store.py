@@ -55,8 +55,10 @@ class Store:
         self.manifest_dir = self.meta_dir / "manifests"
         self.partial_dir = self.meta_dir / "partial"
         self.on_lost = on_lost
+        self.on_held: Callable[[bytes], None] | None = None  # segments written: wakes the server
         self._lock = threading.Lock()
         self._entries: dict[bytes, Entry] = {}
+        self._fetching: set[bytes] = set()  # files being downloaded now (their server relays)
         for folder in (self.data_dir, self.manifest_dir, self.partial_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -163,6 +165,20 @@ class Store:
         with self._lock:
             return [(fid, e.held.runs()) for fid, e in self._entries.items() if e.held]
 
+    def holds(self, file_id: bytes, first: int, count: int) -> bool:
+        with self._lock:
+            entry = self._entries.get(file_id)
+            return entry is not None and entry.held.covers(first, count)
+
+    def fetching(self, file_id: bytes) -> bool:
+        with self._lock:
+            return file_id in self._fetching
+
+    def stop_fetching(self, file_id: bytes) -> None:
+        """The download ended (done, failed, cancelled): missing segments are missing again."""
+        with self._lock:
+            self._fetching.discard(file_id)
+
     def held_copy(self, file_id: bytes) -> SegmentSet:
         with self._lock:
             entry = self._entries.get(file_id)
@@ -202,6 +218,7 @@ class Store:
             raise _storage_error(exc, f"cannot create {partial}") from None
         with self._lock:
             entry = self._entries.setdefault(manifest.file_id, Entry(manifest, held, partial))
+            self._fetching.add(manifest.file_id)
             return entry.held.copy()
 
     def open_for_write(self, file_id: bytes) -> int:
@@ -232,6 +249,8 @@ class Store:
             entry = self._entries.get(file_id)
             if entry is not None:
                 entry.held.add(first, count)
+        if count and self.on_held is not None:
+            self.on_held(file_id)
         if written != len(data):
             raise _storage_error(OSError(errno.ENOSPC, "short write"), "cannot write segments")
 
@@ -241,6 +260,7 @@ class Store:
         if entry is None or not entry.complete:
             raise StorageError("download is not complete")
         final = self.final_path(entry.manifest)
+        self.stop_fetching(file_id)
         if entry.path == final:
             return final
         try:

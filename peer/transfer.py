@@ -68,7 +68,8 @@ INITIAL_BATCH = 4  # segments per request while a source's rate is unknown (64 K
 LATER_LIMIT_S = 5.0  # segments a relay parent keeps answering `later` for go elsewhere after this
 STEAL_BACKLOG_S = 1.0  # a source with more queued than this at its rate gives work to idle ones...
 STEAL_FACTOR = 4.0  # ...that deliver this many times faster
-FIRST_REPLAN_S = 0.25  # the first plan is followed soon by another: downloaders arrive together
+FIRST_REPLAN_S = 0.25
+REQUESTS_PER_DOWNLOAD = 200  # see TransferSettings.request_target_s  # the first plan is followed soon by another: downloaders arrive together
 DELIVERY_SLACK = 3.0  # a request times out after this many times what its bytes should take
 MAX_REQUEST_TIMEOUT_S = 60.0
 ORIGIN_PATIENCE = 4  # origin requests time out after 4 x request_timeout_s at least
@@ -110,8 +111,12 @@ class TransferSettings:
     replan_interval_s: float = 1.0
     timeout_s: float = 3600.0
     broker_timeout_s: float = 5.0
-    request_target_s: float = 0.25  # a request should take about this long at its source's rate
-    queue_target_s: float = 0.5  # bytes in flight to a source: about this long at its rate
+    # A request should take about 1/REQUESTS_PER_DOWNLOAD of what is left of the download at its
+    # present pace, between these bounds: short ones keep relay trees and tails tight, long ones
+    # keep the cost per byte low on big files.
+    request_target_s: float = 0.05
+    request_target_max_s: float = 1.0
+    queue_target_s: float = 0.3  # bytes in flight to a source: about this long at its rate (at least two requests)
 
 
 @dataclass(frozen=True)
@@ -346,6 +351,12 @@ class Transfer:
     _timers: _Timers = field(default_factory=_Timers)
     _next_request_id: int = 1
     _plans_applied: int = 0
+    # `tick` has nothing to do until an input arrives or `_due` passes: it returns at once then
+    # (the shell ticks every transfer after every input, the in-memory swarm a million times).
+    _dirty: bool = True
+    _due: float = -math.inf
+    _target_s: float = 0.05  # the request target of the moment (see TransferSettings)
+    _fetch_started: float = -1.0
     # How a manifest from the wire is built: the in-memory swarm passes a subclass that checks
     # simulated payloads instead of hashing them (everything else is the same code).
     manifest_type: type[Manifest] = Manifest
@@ -353,12 +364,14 @@ class Transfer:
     # ---- inputs: the broker session
 
     def set_registered(self, registered: bool, now: float) -> list[Command]:
+        self._dirty = True
         self.registered = registered
         return self.tick(now)
 
     def on_plan(self, reply: Message, cached: Manifest | None, now: float) -> list[Command]:
         """The broker's answer to `get`. `cached`: the manifest this peer holds for the reply's
         file_id, when the broker left the digests out."""
+        self._dirty = True
         self.plan_asked = False
         if self.state not in (TransferState.PLANNING, TransferState.FETCHING):
             return []
@@ -390,6 +403,7 @@ class Transfer:
         return self.tick(now)
 
     def on_plan_timeout(self, now: float) -> list[Command]:
+        self._dirty = True
         self.plan_asked = False
         if self.state is TransferState.PLANNING:
             return self._fail(
@@ -401,6 +415,8 @@ class Transfer:
     # ---- inputs: the store
 
     def on_prepared(self, held: SegmentSet, now: float) -> list[Command]:
+        self._dirty = True
+        self._fetch_started = now
         if self.state is not TransferState.PLANNING or self.manifest is None:
             return []
         self.download = Download(self.manifest.segment_count, held, self.settings.batch_segments)
@@ -415,6 +431,7 @@ class Transfer:
         return self._fail(error)
 
     def on_written(self, source: str, first: int, count: int) -> None:
+        self._dirty = True
         download = self.download
         if download is None:
             return
@@ -456,6 +473,7 @@ class Transfer:
     # ---- inputs: segment replies
 
     def on_reply(self, request_id: int, reply: Message | MalformedMessage, now: float) -> list[Command]:
+        self._dirty = True
         request = self.requests.pop(request_id, None)
         download, manifest = self.download, self.manifest
         if request is None or download is None or manifest is None:
@@ -495,6 +513,13 @@ class Transfer:
         if (reply.file_id, reply.first, reply.count) != (manifest.file_id, first, count):
             download.on_failed(source, first, count, timed_out=False)
             return self._bad(source, [request.run], BadReason.MISMATCH)
+        if not reply.missing and not reply.later:
+            # The common case, every segment present: no run arithmetic.
+            payload = memoryview(reply.payload)
+            if len(payload) != manifest.run_length(first, count):
+                download.on_failed(source, first, count, timed_out=False)
+                return self._bad(source, [request.run], BadReason.LENGTH)
+            return self._verify_and_write(source, [(first, count)], payload, manifest, download, [])
         missing = SegmentSet(reply.missing)
         later = SegmentSet(reply.later)
         absent = missing.copy()
@@ -517,9 +542,20 @@ class Transfer:
         if missing:
             download.on_refused(source, missing.runs())
             commands += self._bad(source, missing.runs(), BadReason.REFUSED)
+        return self._verify_and_write(source, present.runs(), payload, manifest, download, commands)
+
+    def _verify_and_write(
+        self,
+        source: str,
+        runs: list[Run],
+        payload: memoryview,
+        manifest: Manifest,
+        download: Download,
+        commands: list[Command],
+    ) -> list[Command]:
         offset = 0
         bad: list[Run] = []
-        for run_first, run_count in present.runs():
+        for run_first, run_count in runs:
             length = manifest.run_length(run_first, run_count)
             piece = payload[offset : offset + length]
             offset += length
@@ -542,6 +578,15 @@ class Transfer:
 
     def tick(self, now: float) -> list[Command]:
         """Advance: overall deadline, request timeouts, haves, completion, plans, sending."""
+        if not self._dirty and now < self._due:
+            return []
+        commands = self._tick(now)
+        self._dirty = False
+        self._due = self._next_deadline(now) or math.inf
+        return commands
+
+    def _tick(self, now: float) -> list[Command]:
+        self._target_s = self._request_target(now)
         state = self.state
         if state in (TransferState.DONE, TransferState.FAILED, TransferState.FINISHING):
             return []
@@ -596,6 +641,11 @@ class Transfer:
         """When `tick` must run next at the latest (None: only inputs matter). Deadlines already
         past were acted on by the last tick, or need no action yet (a replan held back by its
         minimum gap, a straggler with no idle peer to copy it to): they do not count."""
+        if not self._dirty:
+            return self._due if self._due > now and self._due != math.inf else None
+        return self._next_deadline(now)
+
+    def _next_deadline(self, now: float) -> float | None:
         state = self.state
         if state in (TransferState.DONE, TransferState.FAILED, TransferState.FINISHING):
             return None
@@ -731,8 +781,12 @@ class Transfer:
         file_id = self.manifest.file_id
         commands: list[Command] = []
         self._steal(download)
-        for source_name in download.sources_with_work():
-            source = download.sources[source_name]
+        most_peer, most_origin = self.settings.lanes_per_source, self.origin_lanes
+        for source_name, source in download.sources.items():
+            if not source.queue or source.dead:
+                continue
+            if source.in_flight >= (most_origin if source_name == BROKER else most_peer):
+                continue  # full whatever its rate: skip the arithmetic
             timing = self.timings.get(source.endpoint)
             lanes, batch = self._limits(source_name, timing)
             while source.in_flight < lanes:
@@ -754,6 +808,23 @@ class Transfer:
                 commands.append(self._send(download, source.endpoint, now, file_id, self.timings.get(source.endpoint)))
         return commands
 
+    def _request_target(self, now: float) -> float:
+        """The request duration of the moment: what is left at the present pace (the measured
+        rates of the sources in use, added up) over REQUESTS_PER_DOWNLOAD, within the bounds."""
+        settings, download = self.settings, self.download
+        if download is None:
+            return settings.request_target_s
+        pace = 0.0
+        for source in download.sources.values():
+            if source.queue or source.requests:
+                timing = self.timings.get(source.endpoint)
+                if timing is not None and timing.rate_bps:
+                    pace += timing.rate_bps
+        if not pace:
+            return settings.request_target_s
+        left_s = (download.segment_count - download.done) * SEGMENT_SIZE / pace
+        return min(max(left_s / REQUESTS_PER_DOWNLOAD, settings.request_target_s), settings.request_target_max_s)
+
     def _steal(self, download: Download) -> None:
         """Work stealing: a peer with room for requests and nothing queued takes queued work it
         holds from a source far slower than itself (its measured rate STEAL_FACTOR times
@@ -762,6 +833,9 @@ class Transfer:
         in a relay tree, a parent with nothing queued for this download is still busy relaying
         to others, and loading it more would slow its own children."""
         sources = download.sources
+        # Cheap test first: this runs at every tick, and most ticks have no idle source.
+        if not any(not src.queue and name != BROKER and not src.dead for name, src in sources.items()):
+            return
         rates: dict[str, float] = {}
         for name, src in sources.items():
             timing = self.timings.get(src.endpoint)
@@ -797,8 +871,10 @@ class Transfer:
         rate = timing.rate_bps if timing is not None else None
         if rate is None:
             return min(most, 2), min(INITIAL_BATCH, batch_max)  # probe: the rate is unknown
-        batch = max(1, min(batch_max, int(rate * self.settings.request_target_s) // SEGMENT_SIZE))
-        lanes = max(1, min(most, math.ceil(rate * self.settings.queue_target_s / (batch * SEGMENT_SIZE))))
+        target = self._target_s
+        batch = max(1, min(batch_max, int(rate * target) // SEGMENT_SIZE))
+        queue_s = max(self.settings.queue_target_s, 2 * target)
+        lanes = max(1, min(most, math.ceil(rate * queue_s / (batch * SEGMENT_SIZE))))
         return lanes, batch
 
     def _send(
