@@ -96,7 +96,7 @@ def relay_for(downloaders: list[tuple[int, Holder]], requester: str, fanout: int
         order = [h for pos, h in downloaders if pos % width == stripe]
         order += [h for pos, h in downloaders if pos % width != stripe]
         place = next(i for i, h in enumerate(order) if h is me)
-        parents.append(order[(place - 1) // width] if place else None)
+        parents.append(order[(place - 1) // fanout] if place else None)
     others = tuple(h for _, h in downloaders if h is not me)
     return Relay(width, tuple(parents), others)
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from common.ranges import Run, SegmentSet
 
 
+
 @dataclass
 class PeerRecord:
     name: str
@@ -44,6 +45,7 @@ class PeerRecord:
     strikes: list[float] = field(default_factory=list)
     benched_until: float = 0.0
     bench_reason: str = ""
+    up_bps: int = 0  # its own report (heartbeats): highest upload rate over its last seconds
     planned: float = 0.0  # segments recently planned from this peer (decays): its load
     planned_at: float = 0.0
     heap_deadline: float = 0.0  # the deadline of this record's one live entry in the expiry heap
@@ -134,11 +136,13 @@ class Registry:
         name = self._by_routing.get(routing_id)
         return self.peers.get(name) if name is not None else None
 
-    def touch(self, name: str, now: float) -> bool:
+    def touch(self, name: str, now: float, up_bps: int = 0) -> bool:
+        """A heartbeat; `up_bps`: the peer's own figure of its recent peak upload rate."""
         record = self.peers.get(name)
         if record is None:
             return False
         record.last_seen = now
+        record.up_bps = up_bps
         return True
 
     def expire(self, now: float) -> list[str]:
@@ -250,7 +254,12 @@ class Registry:
             if record.benched_until > now:
                 continue
             # The live set, not a copy: planning reads it in this thread and keeps nothing.
-            holder = Holder(name, record.endpoint, held if held is not None else SegmentSet(), self.load_of(record, now))
+            holder = Holder(
+                name,
+                record.endpoint,
+                held if held is not None else SegmentSet(),
+                self.load_of(record, now),
+            )
             out.append((position, holder))
         if not active:
             del self._active[file_id]

@@ -161,7 +161,7 @@ class TrackerService(ServiceThread):
                 tracker.m.heartbeats_malformed.inc()
                 self._bad_log.warning("malformed heartbeat: %s", exc)
                 continue
-            tracker.on_heartbeat(beat.name, now)
+            tracker.on_heartbeat(beat.name, now, beat.up_bps)
 
     # ---- commands (run in this thread through call())
 

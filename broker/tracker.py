@@ -20,7 +20,6 @@ Everything the tracker counts is a metric in its `Metrics` set.
 
 from __future__ import annotations
 
-import enum
 import heapq
 import logging
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ from common.manifest import Manifest
 from common.metrics import Metrics
 from common.protocol import (
     BadSource,
+    BadSourceReason,
     Bye,
     Error,
     FileEntry,
@@ -63,31 +63,6 @@ GET_WAIT_S = 2.0  # a GET waits this long for a manifest being rebuilt, then is 
 MAX_WAITING_GETS = 10_000  # beyond this, GETs for files being rebuilt are told to retry at once
 
 Reply = tuple[bytes, Message]  # (connection id, message)
-
-
-class StrikeReason(enum.Enum):
-    """What a `bad_source` report says, and whether it counts against the accused."""
-
-    CHECKSUM = "checksum mismatch"
-    REFUSED = "refused"
-    MALFORMED = "malformed reply"
-    MISMATCH = "reply does not match the request"
-    MISSING_OUTSIDE = "missing segments outside the request"
-    LENGTH = "payload length does not match"
-    OTHER = "other"
-
-    @classmethod
-    def parse(cls, reason: str) -> StrikeReason:
-        for member in cls:
-            if member.value == reason:
-                return member
-        return cls.OTHER
-
-    @property
-    def strikes(self) -> bool:
-        """A refusal only drops the claim (the peer lost the data, or never had it); every
-        other reason is bytes or replies that were wrong: a strike."""
-        return self is not StrikeReason.REFUSED
 
 
 class CatalogEntryView(Protocol):
@@ -207,9 +182,9 @@ class Tracker:
         self.m.malformed.inc()
         return [(sender, Error(rid, WireCode.MALFORMED, problem))]
 
-    def on_heartbeat(self, name: str, now: float) -> None:
+    def on_heartbeat(self, name: str, now: float, up_bps: int = 0) -> None:
         self.m.heartbeats.inc()
-        if not self.registry.touch(name, now):
+        if not self.registry.touch(name, now, up_bps):
             self.m.heartbeats_unknown.inc()
 
     def tick(self, now: float) -> tuple[list[str], list[Reply]]:
@@ -411,7 +386,7 @@ class Tracker:
         if peer is None:
             return Error(request.rid, WireCode.NOT_REGISTERED, "register first")
         self.m.bad_reports.inc()
-        reason = StrikeReason.parse(request.reason)
+        reason = BadSourceReason(request.reason)
         benched = self.registry.report_bad(
             request.source, request.file_id, request.runs, reason.value, now, strike=reason.strikes
         )
@@ -444,6 +419,7 @@ class Tracker:
                 "files": len(r.holdings),
                 "segments": sum(len(s) for s in r.holdings.values()),
                 "benched_s": round(max(r.benched_until - now, 0.0), 3),
+                "upload_bps": r.up_bps,
                 "bench_reason": r.bench_reason,
             }
             for name, r in self.registry.peers.items()

@@ -244,3 +244,24 @@ class Snapshot:
             else:
                 out[name] = plain(by_labels.get((), 0))
         return out
+
+
+class PeakRate:
+    """The highest rate of a growing total between consecutive samples, over a recent window:
+    fed (now, total) at each heartbeat, it tells what an uplink managed at its busiest moment
+    lately (a peer's own figure of its upload capacity, as seen when it was loaded)."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._samples: list[tuple[float, float]] = []
+
+    def sample(self, now: float, total: float) -> float:
+        samples = self._samples
+        samples.append((now, total))
+        while samples and now - samples[0][0] > self.window_s:
+            samples.pop(0)
+        best = 0.0
+        for (t0, v0), (t1, v1) in zip(samples, samples[1:], strict=False):
+            if t1 > t0:
+                best = max(best, (v1 - v0) / (t1 - t0))
+        return best

@@ -19,6 +19,7 @@ docs/PROTOCOL.md is the normative description; this module must agree with it.
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -118,6 +119,21 @@ class Str(Field[str]):
             if problem:
                 raise _fail(where, problem)
         return value
+
+
+class Choice(Field[str]):
+    """A string from a fixed set (an enum's values)."""
+
+    def __init__(self, values: type[enum.StrEnum]) -> None:
+        self.values = values
+        self.allowed = frozenset(v.value for v in values)
+
+    def load(self, value: Any, where: str) -> str:
+        if not isinstance(value, str):
+            raise _fail(where, f"expected a string, got {type(value).__name__}")
+        if value not in self.allowed:
+            raise _fail(where, f"{value[:40]!r} is not one of {sorted(self.allowed)}")
+        return self.values(value)
 
 
 class Bin(Field[bytes]):
@@ -398,6 +414,20 @@ class Lost(Message):
     SCHEMA = {"rid": RID, "file_id": FILE_ID, "runs": RUNS}
 
 
+class BadSourceReason(enum.StrEnum):
+    """Why a downloader reports a source (`bad_source.reason`), and what it costs the source."""
+
+    CHECKSUM = "checksum"  # bytes that failed verification: a strike
+    REFUSED = "refused"  # it lacks segments it was listed for: its claim on them is dropped
+    MALFORMED = "malformed"  # a reply that could not be decoded: a strike
+    MISMATCH = "mismatch"  # a reply for another request, or with runs outside it: a strike
+    LENGTH = "length"  # a payload of the wrong length: a strike
+
+    @property
+    def strikes(self) -> bool:
+        return self is not BadSourceReason.REFUSED
+
+
 @dataclass(frozen=True, slots=True)
 class BadSource(Message):
     """A source served segments that failed verification or refused segments it was said to hold."""
@@ -413,7 +443,7 @@ class BadSource(Message):
         "file_id": FILE_ID,
         "source": SOURCE_NAME,
         "runs": RUNS,
-        "reason": Str(200),
+        "reason": Choice(BadSourceReason),
     }
 
 
@@ -543,8 +573,9 @@ class Error(Message):
 @dataclass(frozen=True, slots=True)
 class Heartbeat(Message):
     name: str
+    up_bps: int = 0  # the peer's highest upload rate over its last seconds (bytes/s; 0: none)
     OP = "hb"
-    SCHEMA = {"name": PEER_NAME}
+    SCHEMA = {"name": PEER_NAME, "up_bps": UInt((1 << 48) - 1)}
 
 
 # Segment transfer: downloader REQ -> server (REQ/REP envelope on a ROUTER).

@@ -28,7 +28,7 @@ import zmq
 from common import protocol
 from common.errors import MalformedMessage, StorageError, TransferError
 from common.manifest import SEGMENT_SIZE, Manifest
-from common.metrics import Metrics
+from common.metrics import Metrics, PeakRate
 from common.protocol import Error, Heartbeat, Holding, ListFiles, Message, Register, SegmentData, SegmentRequest, StatsRequest
 from common.ranges import Run
 from common.service import RateLimitedLog, ServiceThread
@@ -76,6 +76,8 @@ class Agent(ServiceThread, PeerDriver):
         self._idle_lanes: dict[str, list[zmq.Socket[Any]]] = {}
         self._lane_owner: dict[zmq.Socket[Any], tuple[Job, int, str]] = {}
         self._log = RateLimitedLog(log)
+        self._upload_peak = PeakRate()
+        self.served_bytes: Callable[[], int] | None = None  # the segment server's total, set by Peer
 
     @property
     def registered(self) -> bool:
@@ -184,8 +186,11 @@ class Agent(ServiceThread, PeerDriver):
         self.io_send_tracker(Register(rid, self.config.name, self.serve_endpoint(), holdings))
 
     def io_publish_heartbeat(self) -> None:
-        if self._pub is not None:
-            self._pub.send_multipart(protocol.encode(Heartbeat(self.config.name)), zmq.NOBLOCK)
+        if self._pub is None:
+            return
+        served = self.served_bytes() if self.served_bytes is not None else 0
+        up_bps = int(self._upload_peak.sample(time.monotonic(), served))
+        self._pub.send_multipart(protocol.encode(Heartbeat(self.config.name, up_bps)), zmq.NOBLOCK)
 
     def io_connect_heartbeat(self, endpoint: str) -> None:
         if self._pub is None:

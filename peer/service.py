@@ -71,6 +71,8 @@ class Peer(Node):
         )
         self.store.on_held = self._server.notify_held
         self._agent = Agent(self.config, transport, self.store, lambda: self.serve_endpoint, self.metrics)
+        server = self._server
+        self._agent.served_bytes = lambda: server.counters()["bytes_served"]
         return [self._server, self._agent]
 
     def before_stop(self) -> None:

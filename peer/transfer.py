@@ -59,6 +59,7 @@ from common.errors import (
     ZswarmError,
 )
 from common.manifest import SEGMENT_SIZE, Manifest
+from common.protocol import BadSourceReason as BadReason
 from common.protocol import Error, FileInfo, Message, SegmentData
 from common.ranges import Run, SegmentSet
 from peer.download import BROKER, LOCAL, Download, Request
@@ -82,17 +83,6 @@ class TransferState(enum.Enum):
     FINISHING = "finishing"
     DONE = "done"
     FAILED = "failed"
-
-
-class BadReason(enum.StrEnum):
-    """Why a source is reported to the broker (the wire's `bad_source.reason`)."""
-
-    CHECKSUM = "checksum mismatch"  # bytes that failed verification: a strike
-    REFUSED = "refused"  # it lacks segments it was listed for: only its claim is dropped
-    MALFORMED = "malformed reply"
-    MISMATCH = "reply does not match the request"
-    MISSING_OUTSIDE = "missing segments outside the request"
-    LENGTH = "payload length does not match"
 
 
 class CancelledTransfer(TransferError):
@@ -528,7 +518,7 @@ class Transfer:
             not SegmentSet([request.run]).covers(*_span(absent)) or len(absent) != len(missing) + len(later)
         ):
             download.on_failed(source, first, count, timed_out=False)
-            return self._bad(source, [request.run], BadReason.MISSING_OUTSIDE)
+            return self._bad(source, [request.run], BadReason.MISMATCH)
         present = SegmentSet([request.run])
         present.difference_update(absent)
         payload = memoryview(reply.payload)

@@ -44,7 +44,7 @@ from blake3 import blake3
 from broker.tracker import Tracker, TrackerSettings
 from common.errors import WireCode
 from common.manifest import DIGEST_SIZE, SEGMENT_SIZE, Manifest, segment_count
-from common.metrics import Metrics
+from common.metrics import Metrics, PeakRate
 from common.protocol import (
     MAX_RUN_SEGMENTS,
     Error,
@@ -253,6 +253,7 @@ class SimPeer(PeerDriver):
         self._backlog: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         self._wake_at = math.inf
         self._parked: dict[bytes, list[_Parked]] = {}  # requests waiting for segments being fetched
+        self._upload_peak = PeakRate()
         self.done_at: dict[str, float] = {}
         self.errors: dict[str, str] = {}
 
@@ -326,7 +327,7 @@ class SimPeer(PeerDriver):
         self.io_send_tracker(Register(rid, self.peer_name, self.endpoint, holdings))
 
     def io_publish_heartbeat(self) -> None:
-        self.swarm.heartbeat(self)
+        self.swarm.heartbeat(self, int(self._upload_peak.sample(self.now, self.host.payload_sent)))
 
     def io_connect_heartbeat(self, endpoint: str) -> None:
         pass
@@ -591,11 +592,11 @@ class SimSwarm:
                 self.clock.at(now + target.host.latency_s, target.receive_tracker, reply)
         self._arm_tracker()
 
-    def heartbeat(self, peer: SimPeer) -> None:
-        self.clock.at(self.clock.now + peer.host.latency_s, self._on_heartbeat, peer.peer_name)
+    def heartbeat(self, peer: SimPeer, up_bps: int) -> None:
+        self.clock.at(self.clock.now + peer.host.latency_s, self._on_heartbeat, peer.peer_name, up_bps)
 
-    def _on_heartbeat(self, name: str) -> None:
-        self.tracker.on_heartbeat(name, self.clock.now)
+    def _on_heartbeat(self, name: str, up_bps: int) -> None:
+        self.tracker.on_heartbeat(name, self.clock.now, up_bps)
 
     def _arm_tracker(self) -> None:
         deadline = self.tracker.next_deadline()

@@ -78,7 +78,7 @@ SAMPLES: list[Message] = [
     Have(rid=3, file_id=FID, runs=((0, 1), (MAX_SEGMENTS - 1, 1))),
     Have(rid=3, file_id=FID, runs=()),
     Lost(rid=4, file_id=FID2, runs=((5, 6),)),
-    BadSource(rid=5, file_id=FID, source="peer-2", runs=((0, 4),), reason="checksum mismatch"),
+    BadSource(rid=5, file_id=FID, source="peer-2", runs=((0, 4),), reason="checksum"),
     ListFiles(rid=6),
     StatsRequest(rid=7),
     Ping(rid=MAX_RID),
@@ -509,6 +509,7 @@ BAD_FIELDS: list[tuple[str, Message, list[Any], Any]] = [
     ("error-code-long", ERR, ["code"], "x" * 33),
     ("error-message-long", ERR, ["message"], "x" * 1001),
     ("reason-long", BAD, ["reason"], "x" * 201),
+    ("reason-unknown", BAD, ["reason"], "checksum mismatch"),
     ("source-long", BAD, ["source"], "x" * 65),
     # bin lengths and str/bin confusion
     ("file-id-31", HAVE, ["file_id"], FID[:31]),
@@ -628,7 +629,7 @@ def test_good_peer_names_are_accepted(name: str) -> None:
 
 @pytest.mark.parametrize("name", BAD_PEER_NAMES, ids=repr)
 def test_bad_peer_names_are_rejected(name: str) -> None:
-    rejects([pack({"op": "hb", "name": name})])
+    rejects([pack({"op": "hb", "name": name, "up_bps": 0})])
     rejects(mutate(REG, ["name"], name))
 
 
@@ -637,7 +638,7 @@ def test_reserved_names_are_still_valid_source_names() -> None:
     msg = BadSource(1, FID, "broker", ((0, 1),), "refused")
     assert decode(encode(msg)) == msg
     assert decode(encode(FINFO)).sources[-1].name == "broker"  # type: ignore[attr-defined]
-    assert decode([pack({"op": "hb", "name": "Broker"})]) == Heartbeat("Broker")
+    assert decode([pack({"op": "hb", "name": "Broker", "up_bps": 0})]) == Heartbeat("Broker")
 
 
 GOOD_ENDPOINTS = ["tcp://127.0.0.1:5555", "tcp://[::1]:1", "tcp://host-name.example:65535", "tcp://h:00080"]
