@@ -1,7 +1,9 @@
 """Shared pieces of the benchmarks: files, processes, /proc readings, tables and result files.
 
-Every process a benchmark starts is started here (or through common.processes, which does the same)
-and stopped by its PID in a `finally` (ExitStack callbacks). Everything listens on 127.0.0.1 only.
+Every process a benchmark starts is started through the launcher (launcher/): zswarm brokers and
+peers by a process-mode `Swarm` (`bench_swarm`), the benchmarks' own workers (`Child`) by the same
+process driver. Each is stopped by its PID in a `finally` (ExitStack callbacks, or the swarm's
+close). Everything listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -23,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from common.processes import DrivenProcess, ProcessError
+from launcher import BrokerHandle, ChildProcess, LauncherError, PeerHandle, Swarm
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -270,27 +273,27 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-class ChildError(ProcessError):
+class ChildError(LauncherError):
     pass
 
 
-class Child(DrivenProcess):
+class Child(ChildProcess):
     """`python -m bench._workers ROLE JSON`: a worker process answering with JSON lines on stdout.
 
     stderr goes to a log file; every read has a deadline; `stop()` closes stdin, then SIGTERM, then
-    SIGKILL, always by this child's PID (common.processes does all of that).
+    SIGKILL, always by this child's PID (launcher/process.py does all of that).
     """
 
     LEAVES_ON_EOF = True
 
     def __init__(self, role: str, params: dict[str, Any], log_path: Path) -> None:
-        super().__init__(["-m", "bench._workers", role, json.dumps(params)], log_path, cwd=ROOT)
+        super().__init__(
+            ["-m", "bench._workers", role, json.dumps(params)], log_path, cwd=ROOT, label=f"worker {role}"
+        )
         self.role = role
 
     def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
+        self.send_line(line)
 
     def tail(self, lines: int = 6) -> str:
         return self.log_tail(lines)
@@ -299,70 +302,47 @@ class Child(DrivenProcess):
 # --------------------------------------------------------------------------- zswarm processes
 
 
-def start_broker(folder: Path, name: str = "broker", **fields: Any) -> Any:
-    """A broker process (`python -m broker -c`), ports chosen by the OS, on 127.0.0.1."""
-    from common.processes import BrokerProcess
-
-    config = {
-        "share_dir": "share",
-        "manifest_dir": "manifests",
-        "bind_host": HOST,
-        "tracker_port": 0,
-        "heartbeat_port": 0,
-        "origin_port": 0,
-        "log_level": "WARNING",
-        **fields,
-    }
-    path = write_yaml(folder / f"{name}.yaml", config)
-    return BrokerProcess(path, folder / "logs" / f"{name}.log", ready_timeout=300.0)
+def bench_swarm(folder: Path) -> Swarm:
+    """A process-mode swarm in `folder` with the benchmarks' settings: everything on 127.0.0.1,
+    log level WARNING, configs in `folder/NAME.yaml` and logs in `folder/logs/`, a broker's share in
+    `folder/share` (relative paths are relative to `folder`). The broker may take minutes to be
+    ready: it hashes big files first."""
+    quiet = {"bind_host": HOST, "log_level": "WARNING"}
+    return Swarm(folder, "process", quiet, quiet, log_dir=folder / "logs", ready_timeout=300.0)
 
 
-def start_peer(folder: Path, name: str, tracker: str, **fields: Any) -> Any:
-    """A peer process (`python -m peer -c --json`) with its own data folder under `folder`."""
-    from common.processes import PeerProcess
-
-    config = {
-        "name": name,
-        "broker": tracker,
-        "data_dir": f"data-{name}",
-        "bind_host": HOST,
-        "serve_port": 0,
-        "log_level": "WARNING",
-        **fields,
-    }
-    path = write_yaml(folder / f"{name}.yaml", config)
-    return PeerProcess(path, folder / "logs" / f"{name}.log", ready_timeout=60.0)
+def start_broker(folder: Path, name: str = "broker", **fields: Any) -> BrokerHandle:
+    """A broker process (`python -m broker -c FOLDER/NAME.yaml --control`), ports chosen by the OS.
+    The caller stops it (`.stop()`)."""
+    return bench_swarm(folder).start_broker(name, **fields)
 
 
-PLAIN_STOP = False  # True: stop peers with PeerProcess.stop() alone (shows the departed-peer stall)
+def start_peer(folder: Path, name: str, tracker: str, **fields: Any) -> PeerHandle:
+    """A peer process (`python -m peer -c FOLDER/NAME.yaml control`) with its own data folder
+    `FOLDER/data-NAME`, not yet registered (see wait_registered). The caller stops it (stop_peer)."""
+    fields = {"data_dir": f"data-{name}", **fields}
+    return bench_swarm(folder).add_peer(name, broker=tracker, register=False, ready_timeout=60.0, **fields)
 
 
-def stop_peer(peer: Any, timeout: float = 10.0) -> None:
-    """Let a peer process leave cleanly ("quit": it says bye to the broker), then stop it by PID.
-
-    common.processes.PeerProcess.stop() alone closes stdin and sends SIGTERM at once; the SIGTERM
-    can land inside Peer.close() and cut the bye short, leaving the broker to offer a departed peer
-    until it is evicted (see docs/BENCHMARKS.md, findings)."""
-    try:
-        if PLAIN_STOP:
-            raise OSError("plain stop")
-        if peer.proc.poll() is None and peer.proc.stdin is not None:
-            peer.proc.stdin.write("quit\n")
-            peer.proc.stdin.flush()
-            peer.proc.wait(timeout)
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    peer.stop()
+PLAIN_STOP = False  # True: stop peers with SIGTERM at once, no quit first (see stop_peer)
 
 
-def wait_registered(peer: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        answer = peer.command("status", timeout=10.0)
-        if answer.get("ok") and answer["result"].get("registered"):
-            return
-        time.sleep(0.05)
-    raise ChildError(f"peer {peer.name} did not register within {timeout} s")
+def stop_peer(peer: PeerHandle, timeout: float = 10.0) -> None:
+    """Let a peer leave cleanly (the control channel's quit: it says bye to the broker), then make
+    sure it is gone, by PID.
+
+    PLAIN_STOP sends SIGTERM at once instead. With the old prompt driver a SIGTERM could land inside
+    Peer.close() and cut the bye short, leaving the broker to offer a departed peer until it was
+    evicted (see docs/BENCHMARKS.md, findings); the control channel treats SIGTERM as a quit, which
+    `--plain-stop` lets a benchmark confirm."""
+    if PLAIN_STOP:
+        peer.signal(signal.SIGTERM)
+    peer.stop(timeout)
+
+
+def wait_registered(peer: PeerHandle, timeout: float = 20.0) -> None:
+    if not peer.wait_registered(timeout):
+        raise ChildError(f"peer {peer.name} did not register within {timeout} s")
 
 
 class TrackerClient:

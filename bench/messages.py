@@ -3,10 +3,11 @@
     python -m bench.messages                 # one 1 GiB download from the broker alone
     python -m bench.messages --size-mib 256
 
-A broker and one peer (in this process, real sockets on 127.0.0.1); the peer downloads a file that
-only the broker has. Counted from the broker's own statistics, before and after: tracker messages
-by kind (get, have, heartbeats, ...) and origin segment requests. The file is sparse (zeros): its
-content does not change the message count, and it needs no disk space to share.
+A broker and one peer (in this process, real sockets on 127.0.0.1: the launcher's thread mode); the
+peer downloads a file that only the broker has. Counted from the broker's own statistics, before
+and after: tracker messages by kind (get, have, heartbeats, ...) and origin segment requests. The
+file is sparse (zeros): its content does not change the message count, and it needs no disk space
+to share.
 Baseline in the same run: the number of 16 KiB segments, i.e. the messages a one-segment-per-request
 design would need for the data alone.
 """
@@ -19,9 +20,8 @@ import tempfile
 from pathlib import Path
 
 from bench._util import RESULTS
-from broker import Broker, BrokerConfig
 from common.manifest import SEGMENT_SIZE
-from peer import Peer, PeerConfig
+from launcher import Swarm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,21 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         (work / "share").mkdir()
         with open(work / "share" / "big.bin", "wb") as f:
             f.truncate(size)
-        config = BrokerConfig(
-            share_dir=str(work / "share"),
-            manifest_dir=str(work / "manifests"),
-            tracker_port=0,
-            heartbeat_port=0,
-            origin_port=0,
-            log_level="WARNING",
-        )
-        with Broker(config) as broker:
-            peer_config = PeerConfig(name="p1", broker=broker.tracker_endpoint, data_dir=str(work / "p1"))
-            with Peer(peer_config) as peer:
-                peer.wait_registered(10)
-                before = broker.stats()
-                result = peer.get("big.bin", timeout=600)
-                after = broker.stats()
+        with Swarm(work, "thread", broker_fields={"log_level": "WARNING"}) as swarm:
+            broker = swarm.start_broker()
+            peer = swarm.add_peer("p1", register_timeout=10)
+            before = broker.stats()
+            result = peer.get("big.bin", timeout=600)
+            after = broker.stats()
     tracker = {k: v - before["requests"].get(k, 0) for k, v in after["requests"].items()}
     tracker = {k: v for k, v in tracker.items() if v}
     origin = after["origin"]["requests"] - before["origin"]["requests"]

@@ -18,6 +18,10 @@ Figures: wall time from the first `get` sent to the last answer; broker upload i
 (origin bytes_served delta / file size); CPU-seconds per GiB delivered (utime+stime deltas, from
 /proc/<pid>/stat, of the broker and every peer process over the window, divided by N x size);
 peak RSS (VmHWM) of the peers and the broker.
+
+Every run is one process-mode launcher swarm (bench._util.bench_swarm): the broker(s) and the peers
+are started from YAML configs through the command-line tools and driven over their control
+channels; leaving the run stops the peers (each says bye), then the brokers.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from bench._util import (
     Background,
     GiB,
     MiB,
-    TrackerClient,
+    bench_swarm,
     cpu_split,
     known_fields,
     make_file,
@@ -47,13 +51,11 @@ from bench._util import (
     prime_page_cache,
     print_table,
     save,
-    start_broker,
-    start_peer,
-    stop_peer,
     wait_quiet,
     wait_registered,
     workdir,
 )
+from launcher import BrokerHandle, PeerHandle, Result
 
 NAME = "movie.bin"
 
@@ -106,42 +108,36 @@ def one_run(
         mode = "own-origin"  # this core has no plan_policy: the next best baseline
     brokers_needed = n if mode == "own-origin" else 1
     with contextlib.ExitStack() as stack:
-        brokers: list[Any] = [None] * brokers_needed
+        swarm = stack.enter_context(bench_swarm(work))  # closed last: peers first, then brokers
+        brokers: list[BrokerHandle] = []
         lock = threading.Lock()
 
-        def launch_broker(i: int) -> None:
+        def launch_broker(i: int) -> BrokerHandle:
             # own-origin: broker i serves peer i alone (own config and manifest folder, same share)
-            b = start_broker(work, f"broker{i}", manifest_dir=f"manifests{i}", **broker_set)
-            with lock:
-                brokers[i] = b
-                stack.callback(b.stop)
+            return swarm.start_broker(f"broker{i}", manifest_dir=f"manifests{i}", **broker_set)
 
         with ThreadPoolExecutor(max_workers=brokers_needed) as pool:
-            for future in [pool.submit(launch_broker, i) for i in range(brokers_needed)]:
-                future.result()
-        trackers = [TrackerClient(b.tracker) for b in brokers]
-        for t in trackers:
-            stack.callback(t.close)
-        peers: list[Any] = []
+            brokers = list(pool.map(launch_broker, range(brokers_needed)))
+        peers: list[PeerHandle] = []
 
         def launch(i: int) -> None:
             name = names[i]
             shutil.rmtree(work / f"data-{name}", ignore_errors=True)
-            peer = start_peer(work, name, brokers[i % brokers_needed].tracker, **peer_set)
+            tracker = brokers[i % brokers_needed].tracker_endpoint
+            peer = swarm.add_peer(name, broker=tracker, data_dir=f"data-{name}", register=False, **peer_set)
             with lock:
                 peers.append(peer)
-                stack.callback(stop_peer, peer)
             wait_registered(peer, 60.0)
 
         with ThreadPoolExecutor(max_workers=n) as pool:
             for future in [pool.submit(launch, i) for i in range(n)]:
                 future.result()
         peers.sort(key=lambda p: p.name)
-        broker_pids = {f"broker{i}": b.pid for i, b in enumerate(brokers)}
-        pids = broker_pids | {p.name: p.pid for p in peers}
+        broker_pids = {f"broker{i}": pid_of(b) for i, b in enumerate(brokers)}
+        pids = broker_pids | {p.name: pid_of(p) for p in peers}
         prof = None
         if profile_dir is not None:
-            chosen = {"broker": brokers[0].pid} | {p.name: p.pid for p in peers[:2]}
+            chosen = {"broker": pid_of(brokers[0])} | {p.name: pid_of(p) for p in peers[:2]}
             prof = _profile.Profiler({f"swarm-{k}": v for k, v in chosen.items()}, profile_dir)
             stack.enter_context(prof)
         size = (work / "share" / NAME).stat().st_size
@@ -149,17 +145,17 @@ def one_run(
         perf = None
         if perf_out is not None:
             roles = {name if brokers_needed > 1 else "broker": pid for name, pid in broker_pids.items()}
-            roles |= {f"peer {i}": p.pid for i, p in enumerate(peers)}
+            roles |= {f"peer {i}": pid_of(p) for i, p in enumerate(peers)}
             perf = _profile.PerfSystem(perf_out, roles)
             stack.enter_context(perf)
-        stats0 = [t.stats() for t in trackers]
+        stats0 = [b.stats() for b in brokers]
         cpu0 = {k: cpu_split(pid) for k, pid in pids.items()}
-        answers: dict[str, dict[str, Any]] = {}
+        answers: dict[str, Result] = {}
         finished: dict[str, float] = {}
         errors: dict[str, str] = {}
         start = time.perf_counter()
 
-        def fetch(peer: Any) -> None:
+        def fetch(peer: PeerHandle) -> None:
             try:
                 answers[peer.name] = peer.get(NAME, timeout=timeout)
             except Exception as exc:  # a failed or stalled download is a result too
@@ -175,9 +171,9 @@ def one_run(
             shutil.copytree(work / "logs", keep, dirs_exist_ok=True)
             return {"n": n, "mode": mode, "failed": errors, "wall_s": wall, "logs": str(keep)}
         cpu1 = {k: cpu_split(pid) for k, pid in pids.items()}
-        stats1 = [t.stats() for t in trackers]
+        stats1 = [b.stats() for b in brokers]
         mem = {k: memory_kib(pid) for k, pid in pids.items()}
-        status = {p.name: p.command("status", timeout=30.0).get("result", {}) for p in peers}
+        status = {p.name: p.status() for p in peers}
     summaries = prof.summaries() if prof is not None else None
     if perf is not None and perf_out is not None:
         summaries = {"perf": _profile.perf_summary(perf_out, perf.tid_roles)}
@@ -201,15 +197,15 @@ def one_run(
     for st in status.values():
         for key, value in (st.get("counts") or {}).items():
             counts[key] = counts.get(key, 0) + int(value)
-    from_broker = sum(int(a["sources"].get("broker", 0)) for a in answers.values())
-    segments = sum(sum(int(v) for v in a["sources"].values()) for a in answers.values())
+    from_broker = sum(int(a.sources.get("broker", 0)) for a in answers.values())
+    segments = sum(sum(int(v) for v in a.sources.values()) for a in answers.values())
     return {
         "n": n,
         "mode": mode,
         "brokers": brokers_needed,
         "broker_fields": broker_set,
         "wall_s": wall,
-        "peer_seconds": {k: float(a["seconds"]) for k, a in answers.items()},
+        "peer_seconds": {k: float(a.seconds) for k, a in answers.items()},
         "finished_s": finished,
         "broker_upload_copies": origin_delta("bytes_served") / size,
         "broker_segments_share": from_broker / segments,
@@ -229,9 +225,14 @@ def one_run(
         "peer_counts": counts,
         "tracker_gets": tracker_delta("get"),
         "tracker_haves": tracker_delta("have"),
-        "sources": {k: a["sources"] for k, a in answers.items()},
+        "sources": {k: a.sources for k, a in answers.items()},
         "profile": summaries,
     }
+
+
+def pid_of(node: BrokerHandle | PeerHandle) -> int:
+    assert node.pid is not None  # process mode
+    return node.pid
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

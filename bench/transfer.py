@@ -8,8 +8,9 @@ What runs
 - baseline, measured at the start and again at the end: a raw pyzmq PUSH/PULL stream of the file as
   16 KiB messages between two processes ("raw"), and the same stream with the receiver doing a
   downloader's work per message: blake3, compare with the manifest, pwrite ("raw+verify").
-- zswarm, every run in a fresh downloader process (`python -m peer --json`, `get NAME`); the source
-  is the broker's origin (`python -m broker`) or a peer process holding the whole file ("seed"):
+- zswarm, every run in a fresh downloader process (`python -m peer -c X control`, a `get` over its
+  control channel); the source is the broker's origin (`python -m broker -c X --control`) or a peer
+  process holding the whole file ("seed"), all started by the launcher (bench._util.bench_swarm):
   * defaults: the shipped configs, --repeat runs per source;
   * variants: named config changes (batch 256 with the default plan block of 64; batch 256 with
     block 256; the broker without origin claims), --repeat runs each;
@@ -39,7 +40,7 @@ from bench._util import (
     Background,
     Child,
     MiB,
-    TrackerClient,
+    bench_swarm,
     cpu_delta,
     cpu_split,
     known_fields,
@@ -51,14 +52,13 @@ from bench._util import (
     prime_page_cache,
     print_table,
     save,
-    start_broker,
-    start_peer,
     stop_peer,
     thread_cpu_seconds,
     wait_quiet,
     wait_registered,
     workdir,
 )
+from launcher import PeerHandle
 
 NAME = "movie.bin"
 PRIME = True  # write and delete a ballast file before each timed run (bench/_util.prime_page_cache)
@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--plain-stop",
         action="store_true",
-        help="stop downloaders with PeerProcess.stop() alone, no 'quit' first (see BENCHMARKS.md)",
+        help="stop downloaders with SIGTERM at once, no 'quit' first (see BENCHMARKS.md)",
     )
     ap.add_argument("--cold", action="store_true", help="no page-cache priming (see _util)")
     ap.add_argument("--results-name", default=None, help="write bench/results/NAME.json (default transfer)")
@@ -160,30 +160,35 @@ class Source:
     def __init__(
         self, work: Path, kind: str, broker_fields: dict[str, Any], stack: contextlib.ExitStack
     ) -> None:
-        self.broker = start_broker(work, **broker_fields)
-        stack.callback(self.broker.stop)
-        self.seed = None
+        # One swarm per source: leaving the stack stops its downloaders, its seed, then its broker.
+        self.swarm = stack.enter_context(bench_swarm(work))
+        self.broker = self.swarm.start_broker(**broker_fields)
+        self.seed: PeerHandle | None = None
         if kind == "seed":
-            self.seed = start_peer(work, "seed", self.broker.tracker)
-            stack.callback(stop_peer, self.seed)
+            self.seed = self.swarm.add_peer("seed", data_dir="data-seed", register=False)
             wait_registered(self.seed)
             if not (
                 work / "data-seed" / NAME
             ).is_file():  # the first time: fetch it from the broker (untimed)
                 self.seed.get(NAME, timeout=600)
-        self.pid = self.seed.pid if self.seed is not None else self.broker.pid
+        node = self.seed if self.seed is not None else self.broker
+        assert node.pid is not None and self.broker.pid is not None  # process mode
+        self.pid: int = node.pid
+        self.broker_pid: int = self.broker.pid
         self.label = kind
+
+    def add_downloader(self, name: str, **fields: Any) -> PeerHandle:
+        """A fresh downloader process with its own data folder, registered."""
+        peer = self.swarm.add_peer(name, data_dir=f"data-{name}", register=False, **fields)
+        wait_registered(peer)
+        return peer
 
     def served(self) -> dict[str, Any]:
         """The source's segment-server counters (cumulative): requests, segments_served, ..."""
         if self.seed is not None:
-            return dict(self.seed.command("status", timeout=30.0)["result"].get("served", {}))
-        client = TrackerClient(self.broker.tracker)
-        try:
-            stats = client.stats()
-            return dict(stats["origin"]) | {"gets": int(stats.get("requests", {}).get("get", 0))}
-        finally:
-            client.close()
+            return dict(self.seed.status().get("served", {}))
+        stats = self.broker.stats()
+        return dict(stats["origin"]) | {"gets": int(stats.get("requests", {}).get("get", 0))}
 
 
 def one_get(
@@ -199,9 +204,9 @@ def one_get(
     data = work / f"data-{name}"
     shutil.rmtree(data, ignore_errors=True)
     with contextlib.ExitStack() as stack:
-        peer = start_peer(work, name, source.broker.tracker, **peer_fields)
+        peer = source.add_downloader(name, **peer_fields)
         stack.callback(stop_peer, peer)
-        wait_registered(peer)
+        assert peer.pid is not None  # process mode
         prof = None
         if profile_dir is not None:
             prof = _profile.Profiler(
@@ -220,21 +225,21 @@ def one_get(
         dl0, src0 = cpu_split(peer.pid), cpu_split(source.pid)
         threads_dl0, threads_src0 = thread_cpu_seconds(peer.pid), thread_cpu_seconds(source.pid)
         t0 = time.perf_counter()
-        with Background([peer.pid, source.pid, source.broker.pid]) as bg:
+        with Background([peer.pid, source.pid, source.broker_pid]) as bg:
             result = peer.get(file_name, timeout=600)
         wall = time.perf_counter() - t0
         dl1, src1 = cpu_split(peer.pid), cpu_split(source.pid)
         threads_dl = cpu_delta(threads_dl0, thread_cpu_seconds(peer.pid))
         threads_src = cpu_delta(threads_src0, thread_cpu_seconds(source.pid))
         served1 = source.served()
-        counts = dict(peer.command("status", timeout=30.0).get("result", {}).get("counts") or {})
+        counts = dict(peer.status().get("counts") or {})
         mem = memory_kib(peer.pid)
         src_mem = memory_kib(source.pid)
     summaries = prof.summaries() if prof is not None else None
     if perf is not None and perf_out is not None:
         summaries = {"perf": _profile.perf_summary(perf_out, perf.tid_roles)}
     shutil.rmtree(data, ignore_errors=True)
-    seconds = float(result["seconds"])
+    seconds = float(result.seconds)
     requests = int(served1.get("requests", 0)) - int(served0.get("requests", 0))
     segments = int(served1.get("segments_served", 0)) - int(served0.get("segments_served", 0))
     return {
@@ -242,7 +247,7 @@ def one_get(
         "seconds": seconds,
         "wall_s": wall,
         "mib_s": size / MiB / seconds,
-        "sources": result["sources"],
+        "sources": result.sources,
         "cpu_downloader_s": (dl1[0] - dl0[0]) + (dl1[1] - dl0[1]),
         "cpu_downloader_user_s": dl1[0] - dl0[0],
         "cpu_downloader_sys_s": dl1[1] - dl0[1],

@@ -2,9 +2,11 @@
 
     make demo        (or: python examples/demo.py)
 
-It starts every process from the bundled YAML configs through the real command-line tools, makes
-sample files in the broker's share folder if they are absent, and prints where each download's
-segments came from. Every peer starts empty (its data folder is cleared first). It stops by itself.
+It starts every process from the bundled YAML configs through the real command-line tools (the
+launcher's process mode, launcher/: `python -m broker -c configs/broker.yaml --control` and
+`python -m peer -c configs/peerN.yaml control`), makes sample files in the broker's share folder if
+they are absent, and prints where each download's segments came from. Every peer starts empty (its
+data folder is cleared first). It stops by itself, peers first, every process by its PID.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from broker.config import BrokerConfig  # noqa: E402
 from common.manifest import SEGMENT_SIZE  # noqa: E402
-from common.processes import BrokerProcess, PeerProcess  # noqa: E402
+from launcher import Result, Swarm  # noqa: E402
 from peer.config import PeerConfig  # noqa: E402
 
 SAMPLES = {"movie.bin": 16 * 1024 * 1024 + 1234, "docs/manual.bin": 4 * 1024 * 1024 + 77}
@@ -47,13 +49,9 @@ def damage(path: Path, segments: list[int], truncate_to_segment: int) -> None:
         f.truncate(truncate_to_segment * SEGMENT_SIZE)
 
 
-def show(step: str, who: str, result: dict[str, object]) -> None:
-    sources = result["sources"]
-    assert isinstance(sources, dict)
-    parts = ", ".join(f"{n} from {src}" for src, n in sorted(sources.items()))
-    print(
-        f"  {step:<46} {who}: {result['size']:>9} bytes in {float(str(result['seconds'])):.3f} s  <- {parts}"
-    )
+def show(step: str, who: str, result: Result) -> None:
+    parts = ", ".join(f"{n} from {src}" for src, n in sorted(result.sources.items()))
+    print(f"  {step:<46} {who}: {result.size:>9} bytes in {result.seconds:.3f} s  <- {parts}")
 
 
 def same_bytes(a: Path, b: Path) -> bool:
@@ -75,13 +73,13 @@ def main() -> int:
         shutil.rmtree(cfg.data_dir, ignore_errors=True)
     logs = ROOT / "demo-run" / "logs"
     started = time.monotonic()
-    broker = BrokerProcess(broker_cfg_path, logs / "broker.log")
-    peers: list[PeerProcess] = []
-    try:
+    with Swarm(ROOT / "demo-run", "process", log_dir=logs) as swarm:
+        broker = swarm.start_broker(config=broker_cfg_path)  # the file as it is
         print(f"broker up: tracker {broker.tracker}, origin {broker.origin} (pid {broker.pid})")
+        peers = []
         for path in peer_cfg_paths:
-            peers.append(PeerProcess(path, logs / f"{path.stem}.log"))
-            print(f"{peers[-1].name} up: serving at {peers[-1].serve} (pid {peers[-1].pid})")
+            peers.append(swarm.add_peer(path.stem, config=path))
+            print(f"{peers[-1].name} up: serving at {peers[-1].serve_endpoint} (pid {peers[-1].pid})")
         p1, p2, p3 = peers
         a, b = list(SAMPLES)
         print("\nscenario (segments by source):")
@@ -101,9 +99,6 @@ def main() -> int:
         print(f"\nevery downloaded copy byte-identical to the original: {'yes' if identical else 'NO'}")
         print(f"demo finished in {time.monotonic() - started:.1f} s (logs in {logs.relative_to(ROOT)})")
         return 0 if identical else 1
-    finally:
-        for proc in [*peers, broker]:
-            proc.stop()
 
 
 if __name__ == "__main__":

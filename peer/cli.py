@@ -41,8 +41,8 @@ from common.cli import (
 )
 from common.errors import TransferError, ZswarmError
 from common.subscription import Closed
-from peer.driver import GetFuture
 from peer.config import PeerConfig
+from peer.driver import GetFuture
 from peer.service import Peer
 from peer.transfer import CancelledTransfer, GetResult, Progress
 
@@ -80,7 +80,7 @@ def describe_result(result: GetResult) -> str:
 
 
 def _progress_bar(name: str) -> tuple[Any, Any]:
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     bar = tqdm(total=0, unit="seg", desc=name, file=sys.stderr, leave=True)
 
@@ -232,7 +232,9 @@ class PeerControl:
             "broker_stats": lambda cmd: peer.broker_stats(),
             "rescan": lambda cmd: peer.rescan(),
             "metrics": lambda cmd: peer.metrics_snapshot().flat(),
-            "wait_registered": lambda cmd: peer.wait_registered(float(cmd.arg("timeout", (int, float), 10.0))),
+            "wait_registered": lambda cmd: peer.wait_registered(
+                float(cmd.arg("timeout", (int, float), 10.0))
+            ),
         }
 
     def admit_get(self, cmd: Command) -> None:

@@ -1,20 +1,22 @@
 """Fixtures: brokers and peers in this process (real sockets on 127.0.0.1, ports from port 0),
-and processes started through the command-line tools. Everything started here is stopped in
-teardown; a test that leaves a zswarm thread running fails."""
+and processes started through the command-line tools. All of them start through the launcher
+(launcher/): `start_broker` / `start_peer` are a thread-mode `Swarm` handing out the real `Broker`
+and `Peer` objects; `process_swarm` is a process-mode `Swarm`. Everything started here is stopped
+in teardown (peers before brokers); a test that leaves a zswarm thread running fails."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import zmq
 
-from broker import Broker, BrokerConfig
-from common.processes import BrokerProcess, PeerProcess
-from peer import Peer, PeerConfig
+from broker import Broker
+from launcher import Swarm
+from peer import Peer
 from tests.helpers import wait_until
 
 
@@ -42,45 +44,47 @@ def share(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def start_broker(tmp_path: Path, share: Path) -> Iterator[Callable[..., Broker]]:
-    started: list[Broker] = []
-
-    def start(**overrides: Any) -> Broker:
-        fields: dict[str, Any] = dict(
-            share_dir=str(share),
-            manifest_dir=str(tmp_path / "manifests"),
-            tracker_port=0,
-            heartbeat_port=0,
-            origin_port=0,
-            heartbeat_interval_s=0.5,  # expiry 1.75 s: no spurious eviction on a loaded machine
-        )
-        fields.update(overrides)
-        broker = Broker(BrokerConfig(**fields)).start()
-        started.append(broker)
-        return broker
-
-    yield start
-    for broker in started:
-        broker.close()
+def thread_swarm(tmp_path: Path, share: Path) -> Iterator[Swarm]:
+    """A thread-mode swarm in tmp_path: the share folder is `share`, a peer's data `tmp_path/NAME`."""
+    swarm = Swarm(
+        tmp_path,
+        "thread",
+        broker_fields={
+            "share_dir": str(share),
+            "manifest_dir": str(tmp_path / "manifests"),
+            "heartbeat_interval_s": 0.5,  # expiry 1.75 s: no spurious eviction on a loaded machine
+        },
+    )
+    yield swarm
+    swarm.close()
 
 
 @pytest.fixture
-def start_peer(tmp_path: Path) -> Iterator[Callable[..., Peer]]:
-    started: list[Peer] = []
+def process_swarm(tmp_path: Path) -> Iterator[Swarm]:
+    """A process-mode swarm in tmp_path (configs, logs and data folders all there); heartbeats
+    every 0.5 s as in `thread_swarm`."""
+    swarm = Swarm(tmp_path, "process", broker_fields={"heartbeat_interval_s": 0.5})
+    yield swarm
+    swarm.close()
 
+
+@pytest.fixture
+def start_broker(thread_swarm: Swarm) -> Callable[..., Broker]:
+    def start(**overrides: Any) -> Broker:
+        handle = thread_swarm.start_broker(**overrides)
+        return handle.broker  # type: ignore[attr-defined,no-any-return]  # a ThreadBroker
+
+    return start
+
+
+@pytest.fixture
+def start_peer(thread_swarm: Swarm) -> Callable[..., Peer]:
     def start(name: str, broker: Broker | str, register: bool = True, **overrides: Any) -> Peer:
         endpoint = broker if isinstance(broker, str) else broker.tracker_endpoint
-        fields: dict[str, Any] = dict(name=name, broker=endpoint, data_dir=str(tmp_path / name))
-        fields.update(overrides)
-        peer = Peer(PeerConfig(**fields)).start()
-        started.append(peer)
-        if register:
-            assert peer.wait_registered(10), f"{name} did not register"
-        return peer
+        handle = thread_swarm.add_peer(name, register=register, broker=endpoint, **overrides)
+        return handle.peer  # type: ignore[attr-defined,no-any-return]  # a ThreadPeer
 
-    yield start
-    for peer in started:
-        peer.close()
+    return start
 
 
 @pytest.fixture
@@ -90,10 +94,15 @@ def context() -> Iterator[zmq.Context[Any]]:
     ctx.destroy(linger=0)
 
 
+class Stoppable(Protocol):
+    def stop(self, timeout: float = ...) -> int | None: ...
+
+
 @pytest.fixture
-def processes() -> Iterator[list[BrokerProcess | PeerProcess]]:
-    """Processes a test starts go in this list; teardown stops each by PID."""
-    procs: list[BrokerProcess | PeerProcess] = []
+def processes() -> Iterator[list[Stoppable]]:
+    """Processes (launcher handles, or anything with stop()) a test starts by hand go in this
+    list; teardown stops each, newest first, by PID."""
+    procs: list[Stoppable] = []
     yield procs
     for proc in reversed(procs):
         proc.stop()

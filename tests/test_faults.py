@@ -1,29 +1,27 @@
 """Faults: dead, hung and lying peers, broker restarts, resumed downloads, full disks, changed
 files, lost heartbeats and shutdown. Sources are real processes (killed with SIGKILL or stopped
-with SIGSTOP); uploads are capped so that a transfer is still running when the fault hits."""
+with SIGSTOP), started by the launcher in process mode from YAML configs through the command-line
+tools; downloaders run in this process. Uploads are capped so that a transfer is still running
+when the fault hits."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 import zmq
 
 from broker import Broker
 from common import protocol
 from common.errors import DiskFull, TransferError
 from common.manifest import SEGMENT_SIZE, Manifest, hash_file
-from common.processes import BrokerProcess, PeerProcess
 from common.protocol import (
     FileInfo,
     Get,
@@ -34,6 +32,7 @@ from common.protocol import (
     SegmentData,
     SegmentRequest,
 )
+from launcher import ProcessBroker, ProcessPeer, Swarm
 from peer import GetFuture, Peer
 from peer.store import Store
 from tests.helpers import RawClient, wait_until, write_random
@@ -42,22 +41,10 @@ pytestmark = pytest.mark.timeout(90)
 
 StartBroker = Callable[..., Broker]
 StartPeer = Callable[..., Peer]
-Procs = list[BrokerProcess | PeerProcess]
 
 INTERVAL_S = 0.25
 LIVENESS = 3
 EXPIRY_BOUND_S = INTERVAL_S * (LIVENESS + 1)  # the promise: evicted within interval x (liveness + 1)
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def seed_peer(data_dir: Path, source: Path, name: str) -> Manifest:
@@ -86,51 +73,27 @@ def verified_segments(manifest: Manifest, path: Path) -> int:
     return len(Store._verify_file(manifest, path))
 
 
-class Swarm:
-    """A broker process and peer processes from YAML configs written into a temporary folder."""
-
-    def __init__(self, tmp_path: Path, procs: Procs) -> None:
-        self.tmp = tmp_path
-        self.procs = procs
-        self.share = tmp_path / "share"
-        self.share.mkdir(exist_ok=True)
-        self.broker: BrokerProcess | None = None
-        self.broker_yaml = tmp_path / "broker.yaml"
-
-    def start_broker(self, fixed_ports: bool = False) -> BrokerProcess:
-        if not self.broker_yaml.exists():
-            tracker, heartbeat, origin = free_ports(3) if fixed_ports else (0, 0, 0)
-            config = {
-                "share_dir": "share",
-                "manifest_dir": "manifests",
-                "tracker_port": tracker,
-                "heartbeat_port": heartbeat,
-                "origin_port": origin,
-                "heartbeat_interval_s": INTERVAL_S,
-                "heartbeat_liveness": LIVENESS,
-            }
-            self.broker_yaml.write_text(yaml.safe_dump(config))
-        self.broker = BrokerProcess(self.broker_yaml, self.tmp / "broker.log")
-        self.procs.append(self.broker)
-        return self.broker
-
-    def peer_yaml(self, name: str, **extra: Any) -> Path:
-        assert self.broker is not None
-        path = self.tmp / f"{name}.yaml"
-        config = {"name": name, "broker": self.broker.tracker, "data_dir": name, "request_timeout_s": 1.0}
-        config.update(extra)
-        path.write_text(yaml.safe_dump(config))
-        return path
-
-    def start_peer(self, name: str, **extra: Any) -> PeerProcess:
-        proc = PeerProcess(self.peer_yaml(name, **extra), self.tmp / f"{name}.log")
-        self.procs.append(proc)
-        return proc
+@pytest.fixture
+def swarm(tmp_path: Path) -> Iterator[Swarm]:
+    """A broker process and peer processes from YAML configs written into tmp_path (the launcher's
+    process mode): heartbeats every INTERVAL_S, peers' request timeout 1 s."""
+    with Swarm(
+        tmp_path,
+        "process",
+        broker_fields={"heartbeat_interval_s": INTERVAL_S, "heartbeat_liveness": LIVENESS},
+        peer_fields={"request_timeout_s": 1.0},
+    ) as processes:
+        yield processes
 
 
 @pytest.fixture
-def swarm(tmp_path: Path, processes: Procs) -> Swarm:
-    return Swarm(tmp_path, processes)
+def start_downloader(start_peer: StartPeer) -> Callable[..., Peer]:
+    """A peer in this process (the launcher's thread mode), registered with `tracker`."""
+
+    def start(name: str, tracker: str, **extra: Any) -> Peer:
+        return start_peer(name, tracker, **{"request_timeout_s": 1.0, **extra})
+
+    return start
 
 
 @pytest.fixture
@@ -158,41 +121,29 @@ def plan_sources(client: RawClient, name: str) -> list[str]:
     return [s.name for s in reply.sources]
 
 
-def start_in_process_peer(tmp_path: Path, name: str, tracker: str, **extra: Any) -> Peer:
-    from peer import PeerConfig
-
-    fields: dict[str, Any] = {
-        "name": name,
-        "broker": tracker,
-        "data_dir": str(tmp_path / name),
-        "request_timeout_s": 1.0,
-    }
-    fields.update(extra)
-    peer = Peer(PeerConfig(**fields)).start()
-    assert peer.wait_registered(10)
-    return peer
-
-
 # ---------------------------------------------------------------------------------- 1 and 2
 
 
 def test_source_killed_mid_transfer(
-    swarm: Swarm, tmp_path: Path, tracker_client: Callable[[str], RawClient]
+    swarm: Swarm,
+    tmp_path: Path,
+    tracker_client: Callable[[str], RawClient],
+    start_downloader: Callable[..., Peer],
 ) -> None:
-    data = write_random(swarm.share / "f.bin", 4 * 1024 * 1024, seed=21)
+    data = write_random(swarm.share_dir / "f.bin", 4 * 1024 * 1024, seed=21)
     broker = swarm.start_broker()
     for name in ("srcA", "srcB"):
-        seed_peer(tmp_path / name, swarm.share / "f.bin", "f.bin")
-        swarm.start_peer(name, upload_limit_mib_s=1.5)
-    client = tracker_client(broker.tracker)
+        seed_peer(tmp_path / name, swarm.share_dir / "f.bin", "f.bin")
+        swarm.add_peer(name, upload_limit_mib_s=1.5)
+    client = tracker_client(broker.tracker_endpoint)
     wait_until(lambda: {"srcA", "srcB"} <= set(stats_of(client)["live_peers"]), what="sources registered")
 
-    downloader = start_in_process_peer(tmp_path, "dl", broker.tracker, batch_segments=16)
+    downloader = start_downloader("dl", broker.tracker_endpoint, batch_segments=16)
     try:
         future = downloader.start_get("f.bin", timeout=60)
         wait_until(lambda: progressed(future, 0.5), timeout=30, what="the download to reach halfway")
-        victim = swarm.procs[1]
-        assert isinstance(victim, PeerProcess) and victim.name == "srcA"
+        victim = swarm.peer("srcA")
+        assert isinstance(victim, ProcessPeer) and victim.name == "srcA"
         victim.kill()
         killed_at = time.monotonic()
         wait_until(
@@ -211,21 +162,24 @@ def test_source_killed_mid_transfer(
 
 
 def test_source_stopped_then_resumed(
-    swarm: Swarm, tmp_path: Path, tracker_client: Callable[[str], RawClient]
+    swarm: Swarm,
+    tmp_path: Path,
+    tracker_client: Callable[[str], RawClient],
+    start_downloader: Callable[..., Peer],
 ) -> None:
-    data = write_random(swarm.share / "f.bin", 2 * 1024 * 1024, seed=22)
+    data = write_random(swarm.share_dir / "f.bin", 2 * 1024 * 1024, seed=22)
     broker = swarm.start_broker()
     for name in ("srcA", "srcB"):
-        seed_peer(tmp_path / name, swarm.share / "f.bin", "f.bin")
-        swarm.start_peer(name)
-    client = tracker_client(broker.tracker)
+        seed_peer(tmp_path / name, swarm.share_dir / "f.bin", "f.bin")
+        swarm.add_peer(name)
+    client = tracker_client(broker.tracker_endpoint)
     wait_until(lambda: {"srcA", "srcB"} <= set(stats_of(client)["live_peers"]), what="sources registered")
-    stopped = swarm.procs[1]
-    assert isinstance(stopped, PeerProcess) and stopped.name == "srcA"
+    stopped = swarm.peer("srcA")
+    assert isinstance(stopped, ProcessPeer) and stopped.name == "srcA"
     stopped.signal(signal.SIGSTOP)
     # A stop signal is delivered asynchronously: wait until the kernel says it is stopped.
     wait_until(lambda: process_state(stopped.pid) in ("T", "t"), timeout=5, what="srcA to stop")
-    downloader = start_in_process_peer(tmp_path, "dl", broker.tracker)
+    downloader = start_downloader("dl", broker.tracker_endpoint)
     try:
         result = downloader.get("f.bin", timeout=60)  # planned over srcA and srcB; srcA never answers
         assert result.path.read_bytes() == data
@@ -245,22 +199,27 @@ def test_source_stopped_then_resumed(
 # ---------------------------------------------------------------------------------- 3
 
 
-def test_broker_restart(swarm: Swarm, tmp_path: Path, tracker_client: Callable[[str], RawClient]) -> None:
-    data = write_random(swarm.share / "f.bin", 2 * 1024 * 1024, seed=23)
-    broker = swarm.start_broker(fixed_ports=True)
-    seed_peer(tmp_path / "srcA", swarm.share / "f.bin", "f.bin")
-    swarm.start_peer("srcA", upload_limit_mib_s=1.0)
-    client = tracker_client(broker.tracker)
+def test_broker_restart(
+    swarm: Swarm,
+    tmp_path: Path,
+    tracker_client: Callable[[str], RawClient],
+    start_downloader: Callable[..., Peer],
+) -> None:
+    data = write_random(swarm.share_dir / "f.bin", 2 * 1024 * 1024, seed=23)
+    broker = swarm.start_broker()  # restart() binds the ports it got again
+    seed_peer(tmp_path / "srcA", swarm.share_dir / "f.bin", "f.bin")
+    swarm.add_peer("srcA", upload_limit_mib_s=1.0)
+    client = tracker_client(broker.tracker_endpoint)
     wait_until(lambda: "srcA" in stats_of(client)["live_peers"], what="srcA registered")
-    downloader = start_in_process_peer(tmp_path, "dl", broker.tracker)
+    downloader = start_downloader("dl", broker.tracker_endpoint)
     try:
         future = downloader.start_get("f.bin", timeout=60)
         wait_until(lambda: progressed(future, 0.0), timeout=30, what="the download to start")
+        before = broker.tracker_endpoint
         broker.kill()
-        swarm.procs.remove(broker)
-        restarted = swarm.start_broker()
+        broker.restart()
         restarted_at = time.monotonic()
-        assert restarted.tracker == broker.tracker  # same ports
+        assert broker.tracker_endpoint == before  # same ports
         wait_until(
             lambda: stats_of(client)["peers"].get("srcA", {}).get("segments") == 128,
             timeout=15,
@@ -287,16 +246,14 @@ def test_broker_restart(swarm: Swarm, tmp_path: Path, tracker_client: Callable[[
 def test_downloader_killed_then_resumes(
     swarm: Swarm, tmp_path: Path, tracker_client: Callable[[str], RawClient]
 ) -> None:
-    data = write_random(swarm.share / "f.bin", 3 * 1024 * 1024, seed=24)
+    data = write_random(swarm.share_dir / "f.bin", 3 * 1024 * 1024, seed=24)
     broker = swarm.start_broker()
-    manifest = seed_peer(tmp_path / "srcA", swarm.share / "f.bin", "f.bin")
-    swarm.start_peer("srcA", upload_limit_mib_s=1.5)
-    client = tracker_client(broker.tracker)
+    manifest = seed_peer(tmp_path / "srcA", swarm.share_dir / "f.bin", "f.bin")
+    swarm.add_peer("srcA", upload_limit_mib_s=1.5)
+    client = tracker_client(broker.tracker_endpoint)
     wait_until(lambda: "srcA" in stats_of(client)["live_peers"], what="srcA registered")
-    dl = swarm.start_peer("dl")
-    assert dl.proc.stdin is not None
-    dl.proc.stdin.write("get f.bin\n")
-    dl.proc.stdin.flush()
+    dl = swarm.add_peer("dl")
+    dl.start_get("f.bin", timeout=60)  # never finished: the process is killed halfway
     wait_until(
         lambda: stats_of(client)["peers"].get("dl", {}).get("segments", 0) >= manifest.segment_count // 4,
         timeout=30,
@@ -308,10 +265,10 @@ def test_downloader_killed_then_resumes(
     assert 0 < on_disk < manifest.segment_count
     assert not (tmp_path / "dl" / "f.bin").exists()  # never visible before it is complete
 
-    again = swarm.start_peer("dl")
+    again = swarm.add_peer("dl")
     result = again.get("f.bin", timeout=60)
-    assert result["sources"]["local"] == on_disk  # verified segments are not fetched again
-    assert sum(n for s, n in result["sources"].items() if s != "local") == manifest.segment_count - on_disk
+    assert result.sources["local"] == on_disk  # verified segments are not fetched again
+    assert sum(n for s, n in result.sources.items() if s != "local") == manifest.segment_count - on_disk
     assert (tmp_path / "dl" / "f.bin").read_bytes() == data
 
 
@@ -319,21 +276,24 @@ def test_downloader_killed_then_resumes(
 
 
 def test_peer_claiming_segments_it_lacks_loses_the_claim(
-    swarm: Swarm, tmp_path: Path, tracker_client: Callable[[str], RawClient]
+    swarm: Swarm,
+    tmp_path: Path,
+    tracker_client: Callable[[str], RawClient],
+    start_downloader: Callable[..., Peer],
 ) -> None:
-    data = write_random(swarm.share / "f.bin", 64 * SEGMENT_SIZE, seed=25)
+    data = write_random(swarm.share_dir / "f.bin", 64 * SEGMENT_SIZE, seed=25)
     broker = swarm.start_broker()
-    empty = swarm.start_peer("empty")  # a real peer that holds nothing
-    file_id = hash_file(swarm.share / "f.bin", "f.bin").file_id
-    claimer = tracker_client(broker.tracker)
-    reply = claimer.request(Register(1, "claimer", empty.serve, (Holding(file_id, ((0, 64),)),)))
+    empty = swarm.add_peer("empty")  # a real peer that holds nothing
+    file_id = hash_file(swarm.share_dir / "f.bin", "f.bin").file_id
+    claimer = tracker_client(broker.tracker_endpoint)
+    reply = claimer.request(Register(1, "claimer", empty.serve_endpoint, (Holding(file_id, ((0, 64),)),)))
     assert isinstance(reply, Registered)
-    downloader = start_in_process_peer(tmp_path, "dl", broker.tracker)
+    downloader = start_downloader("dl", broker.tracker_endpoint)
     try:
         result = downloader.get("f.bin", timeout=30)
         assert result.path.read_bytes() == data
         assert result.sources == {"broker": 64}
-        client = tracker_client(broker.tracker)
+        client = tracker_client(broker.tracker_endpoint)
         wait_until(
             lambda: stats_of(client)["peers"]["claimer"]["segments"] == 0, what="the claim to be dropped"
         )
@@ -452,19 +412,20 @@ def test_lost_heartbeats_do_not_evict(
 def test_ctrl_c_stops_the_clis_quickly_and_bye_removes_the_peer(
     swarm: Swarm, tracker_client: Callable[[str], RawClient]
 ) -> None:
-    write_random(swarm.share / "f.bin", 10, seed=30)
+    write_random(swarm.share_dir / "f.bin", 10, seed=30)
     broker = swarm.start_broker()
-    peer = swarm.start_peer("p1")
-    client = tracker_client(broker.tracker)
+    peer = swarm.add_peer("p1")
+    assert isinstance(broker, ProcessBroker) and isinstance(peer, ProcessPeer)
+    client = tracker_client(broker.tracker_endpoint)
     wait_until(lambda: "p1" in stats_of(client)["live_peers"], what="p1 registered")
     started = time.monotonic()
     peer.signal(signal.SIGINT)
-    assert peer.proc.wait(5) in (0, 130)
+    assert peer.wait(5) in (0, 130)
     assert time.monotonic() - started < 2.0
     assert "p1" not in stats_of(client)["live_peers"]  # bye: gone at once, not after expiry
     started = time.monotonic()
     broker.signal(signal.SIGINT)
-    assert broker.proc.wait(5) == 0
+    assert broker.wait(5) == 0
     assert time.monotonic() - started < 2.0
 
 
