@@ -1,0 +1,208 @@
+"""The in-memory swarm (sim/): the real tracker and peer cores on a simulated clock and network.
+
+The acceptance scenario and the fault behaviours, deterministic and in milliseconds: no sockets,
+no disk, no wall clock. Times asserted here are simulated seconds, properties of the protocol and
+the policy, not of the machine.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from common.manifest import SEGMENT_SIZE
+from common.ranges import SegmentSet
+from peer.transfer import TransferSettings
+from sim.swarm import SimPeer, SimSettings, SimSwarm
+
+pytestmark = pytest.mark.timeout(60)
+
+MBIT = 1e6
+
+
+@pytest.fixture(autouse=True)
+def quiet() -> None:
+    # Timeouts and evictions are what these tests provoke: keep the test output readable.
+    logging.getLogger("peer").setLevel(logging.ERROR)
+    logging.getLogger("broker").setLevel(logging.ERROR)
+
+
+def swarm(**settings: object) -> SimSwarm:
+    peer_fields = {k: v for k, v in settings.items() if k in TransferSettings.__dataclass_fields__}
+    other = {k: v for k, v in settings.items() if k not in peer_fields}
+    return SimSwarm(SimSettings(peer=TransferSettings(**peer_fields), **other), origin_up_bps=100 * MBIT)  # type: ignore[arg-type]
+
+
+def get(sw: SimSwarm, peer: SimPeer, name: str, limit_s: float = 120.0) -> dict[str, int]:
+    future = peer.get(name)
+    assert sw.run_until_done(name, [peer], limit_s), f"{peer.peer_name} did not finish {name}"
+    assert name not in peer.errors, peer.errors
+    return future.result(0).sources
+
+
+def test_acceptance_scenario() -> None:
+    sw = swarm()
+    a = sw.add_file("a.bin", 3 * 1024 * 1024 + 4321)
+    b = sw.add_file("sub/b.bin", 2 * 1024 * 1024 + 17)
+    p1, p2, p3 = (sw.add_peer(f"peer{i}", 100 * MBIT) for i in (1, 2, 3))
+    sw.run(1.0)  # registered
+    assert get(sw, p1, "a.bin") == {"broker": a.segment_count}  # only the broker has it
+    assert get(sw, p2, "a.bin") == {"peer1": a.segment_count}  # peer 1 has it
+    assert get(sw, p1, "sub/b.bin") == {"broker": b.segment_count}
+    # Damage peer 1's copy of B: the store finds it on serving and reports it lost.
+    lost = [(3, 2), (50, 1), (b.segment_count - 5, 5)]
+    for first, count in lost:
+        p1.held[b.file_id].remove(first, count)
+    p1.report_lost(b.file_id, lost, sw.clock.now)
+    sw.run(sw.clock.now + 0.5)
+    future = p2.get("sub/b.bin")
+    assert sw.run_until_done("sub/b.bin", [p2], 60)
+    result = future.result(0)
+    from_broker = SegmentSet(result.source_runs["broker"])
+    assert from_broker == SegmentSet(lost)  # the damaged segments from the broker...
+    assert result.sources["peer1"] == b.segment_count - len(from_broker)  # ...the rest from peer 1
+    sources = get(sw, p3, "a.bin")  # peers 1 and 2 hold A
+    assert set(sources) == {"peer1", "peer2"} and sum(sources.values()) == a.segment_count
+    for peer, manifest in ((p1, a), (p2, a), (p2, b), (p3, a)):
+        assert peer.held[manifest.file_id] == SegmentSet.full(manifest.segment_count)
+
+
+def test_a_crowd_gets_one_origin_copy_through_relay_trees() -> None:
+    sw = swarm()
+    f = sw.add_file("f.bin", 8 * 1024 * 1024)
+    peers = [sw.add_peer(f"p{i}", 20 * MBIT) for i in range(1, 17)]
+    sw.run(1.0)
+    for p in peers:
+        p.get("f.bin")
+    assert sw.run_until_done("f.bin", peers, 120)
+    assert all("f.bin" in p.done_at for p in peers)
+    assert sw.origin_copies(f) <= 1.1  # the origin sends each block about once
+    relayed = sum(p.metrics.snapshot().total("segments_received_total") for p in peers)
+    assert relayed >= 16 * f.segment_count  # everyone got everything, nearly all from peers
+
+
+def test_a_killed_source_is_timed_out_and_evicted_and_the_download_completes() -> None:
+    sw = swarm(request_timeout_s=1.0, heartbeat_interval_s=0.25)
+    f = sw.add_file("f.bin", 4 * 1024 * 1024)
+    seed_a = sw.add_peer("srcA", 2 * MBIT)
+    seed_b = sw.add_peer("srcB", 2 * MBIT)
+    for seed in (seed_a, seed_b):
+        seed.seed(f)
+    sw.run(1.0)
+    seed_a.start()  # register again with what it now holds
+    seed_b.start()
+    sw.run(2.0)
+    dl = sw.add_peer("dl", 100 * MBIT)
+    sw.run(2.5)
+    future = dl.get("f.bin")
+    sw.run(4.0)
+    assert 0 < len(dl.held.get(f.file_id, SegmentSet())) < f.segment_count  # mid-transfer
+    seed_a.kill()
+    killed_at = sw.clock.now
+    assert sw.run_until_done("f.bin", [dl], 120)
+    result = future.result(0)
+    assert dl.held[f.file_id] == SegmentSet.full(f.segment_count)
+    assert result.sources.get("srcA", 0) > 0 and result.sources.get("srcB", 0) > 0
+    assert dl.metrics.snapshot().total("segment_request_timeouts_total") >= 1
+    sw.run(killed_at + 0.25 * 4.5)  # expiry: interval x (liveness + 0.5), plus the tick
+    assert "srcA" not in sw.tracker.registry.peers
+
+
+def test_a_paused_source_resumes_and_registers_again() -> None:
+    sw = swarm(heartbeat_interval_s=0.25)
+    f = sw.add_file("f.bin", 256 * 1024)
+    src = sw.add_peer("src", 100 * MBIT)
+    src.seed(f)
+    sw.run(0.5)
+    src.start()
+    sw.run(1.0)
+    src.pause()  # SIGSTOP
+    sw.run(3.0)
+    assert "src" not in sw.tracker.registry.peers  # evicted: no heartbeats
+    src.resume()  # SIGCONT: its ping finds the broker forgot it; it registers again
+    sw.run(8.0)
+    assert "src" in sw.tracker.registry.peers
+    assert len(sw.tracker.registry.holdings_of("src", f.file_id)) == f.segment_count
+
+
+def test_bytes_that_fail_verification_are_refetched_and_the_liar_benched() -> None:
+    sw = swarm()
+    f = sw.add_file("f.bin", 2 * 1024 * 1024)
+    liar = sw.add_peer("liar", 100 * MBIT)
+    honest = sw.add_peer("honest", 100 * MBIT)
+    for seed in (liar, honest):
+        seed.seed(f)
+    sw.run(0.5)
+    liar.start()
+    honest.start()
+    liar.lying = True
+    sw.run(1.0)
+    downloaders = [sw.add_peer(f"d{i}", 100 * MBIT) for i in range(3)]
+    sw.run(1.5)
+    for d in downloaders:
+        sources = get(sw, d, "f.bin")
+        assert "liar" not in sources  # nothing it sent was written
+        assert d.held[f.file_id] == SegmentSet.full(f.segment_count)
+    assert any(d.metrics.snapshot().total("segments_rejected_total") for d in downloaders)
+    record = sw.tracker.registry.peers["liar"]
+    assert record.benched_until > sw.clock.now  # three reports: benched
+
+
+def test_a_broker_restart_is_survived() -> None:
+    sw = swarm(heartbeat_interval_s=0.25)
+    f = sw.add_file("f.bin", 4 * 1024 * 1024)
+    src = sw.add_peer("src", 8 * MBIT)
+    src.seed(f)
+    sw.run(0.5)
+    src.start()
+    dl = sw.add_peer("dl", 100 * MBIT)
+    sw.run(1.0)
+    future = dl.get("f.bin")
+    sw.run(2.0)
+    sw.restart_broker()  # registry empty, new session id
+    assert sw.run_until_done("f.bin", [dl], 120)
+    assert future.result(0).size == f.size
+    assert {"src", "dl"} <= set(sw.tracker.registry.peers)  # both registered again by themselves
+
+
+def test_a_slow_source_costs_little() -> None:
+    sw = swarm()
+    f = sw.add_file("f.bin", 2 * 1024 * 1024)
+    slow = sw.add_peer("slow", 0.8 * MBIT)  # the whole file takes it 20 s
+    fast = sw.add_peer("fast", 100 * MBIT)
+    for seed in (slow, fast):
+        seed.seed(f)
+    sw.run(0.5)
+    slow.start()
+    fast.start()
+    dl = sw.add_peer("dl", 100 * MBIT)
+    sw.run(1.0)
+    start = sw.clock.now
+    sources = get(sw, dl, "f.bin")
+    assert sw.clock.now - start < 5.0  # far less than the slow source alone needs
+    assert sources.get("fast", 0) >= f.segment_count - 16
+
+
+def test_resumed_download_fetches_only_what_is_missing() -> None:
+    sw = swarm()
+    f = sw.add_file("f.bin", 64 * SEGMENT_SIZE)
+    dl = sw.add_peer("dl", 100 * MBIT)
+    dl.manifests[f.file_id] = f
+    dl.held[f.file_id] = SegmentSet([(0, 20)])  # verified on disk from an earlier run
+    sw.run(0.5)
+    assert get(sw, dl, "f.bin") == {"local": 20, "broker": 44}
+
+
+def test_the_simulation_is_deterministic() -> None:
+    def run() -> tuple[float, float]:
+        sw = swarm()
+        f = sw.add_file("f.bin", 2 * 1024 * 1024)
+        peers = [sw.add_peer(f"p{i}", 20 * MBIT) for i in range(6)]
+        sw.run(0.5)
+        for p in peers:
+            p.get("f.bin")
+        sw.run_until_done("f.bin", peers, 120)
+        return max(p.done_at["f.bin"] for p in peers), sw.origin_copies(f)
+
+    assert run() == run()
