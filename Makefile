@@ -22,8 +22,9 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/ruff check common broker peer tests bench examples
-	$(BIN)/mypy common broker peer
+	$(BIN)/ruff check common broker peer launcher sim tests bench examples
+	$(BIN)/ruff format --check common broker peer launcher sim tests bench examples
+	$(BIN)/mypy common broker peer launcher sim
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

@@ -34,7 +34,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.manifest import SEGMENT_SIZE, Manifest, check_name, hash_file, read_manifest_file, write_manifest_file
+from common.manifest import (
+    SEGMENT_SIZE,
+    Manifest,
+    check_name,
+    hash_file,
+    read_manifest_file,
+    write_manifest_file,
+)
 from common.ranges import Run
 from common.segserver import SourceBusy
 
@@ -168,7 +175,9 @@ class Catalog:
     def _manifest_path(self, name: str) -> Path:
         return self.manifest_dir / (name + MANIFEST_SUFFIX)
 
-    def _load_or_build(self, name: str, path: Path, file_stat: FileStat, trust_cache: bool) -> CatalogEntry | None:
+    def _load_or_build(
+        self, name: str, path: Path, file_stat: FileStat, trust_cache: bool
+    ) -> CatalogEntry | None:
         if trust_cache:
             cached = self._read_manifest(name, file_stat)
             if cached is not None:
@@ -289,7 +298,10 @@ class Catalog:
             return data, []
         # The file no longer matches the manifest handed out: serve only what still verifies.
         self.suspect(manifest.name)
-        parts = [data[(f - first) * SEGMENT_SIZE : (f - first) * SEGMENT_SIZE + manifest.run_length(f, c)] for f, c in good]
+        parts = [
+            data[(f - first) * SEGMENT_SIZE : (f - first) * SEGMENT_SIZE + manifest.run_length(f, c)]
+            for f, c in good
+        ]
         return b"".join(parts), bad
 
 
@@ -342,7 +354,9 @@ class CatalogWorker:
         with self._scan_done:
             target = self._scans_done + 1
             self._wake.set()
-            return self._scan_done.wait_for(lambda: self._scans_done >= target or self._stop.is_set(), timeout)
+            return self._scan_done.wait_for(
+                lambda: self._scans_done >= target or self._stop.is_set(), timeout
+            )
 
     def _main(self) -> None:
         while not self._stop.is_set():

@@ -168,7 +168,10 @@ def plan_download(
                 if not runs:
                     continue
                 run_first, run_count = runs[0]
-                if run_first == pos and (run_count > best_len or (run_count == best_len and best is not None and h.load < best.load)):
+                if run_first == pos and (
+                    run_count > best_len
+                    or (run_count == best_len and best is not None and h.load < best.load)
+                ):
                     best, best_len = h, run_count
                 next_held = min(next_held, run_first)
             if best is None:
@@ -247,7 +250,8 @@ def plan_download(
     )
     broker_final = len(sources) - 1
     entries = tuple(
-        (first, count, broker_final if source == broker_index else source) for _, _, first, count, source in blocks
+        (first, count, broker_final if source == broker_index else source)
+        for _, _, first, count, source in blocks
     )
     return Plan(sources, entries, relayed)
 

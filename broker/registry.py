@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from common.ranges import Run, SegmentSet
 
 
-
 @dataclass
 class PeerRecord:
     name: str

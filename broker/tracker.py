@@ -149,7 +149,9 @@ class TrackerMetrics:
 
 
 class Tracker:
-    def __init__(self, settings: TrackerSettings, catalog: CatalogView, session: int, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: TrackerSettings, catalog: CatalogView, session: int, metrics: Metrics
+    ) -> None:
         self.settings = settings
         self.catalog = catalog
         self.session = session
@@ -246,7 +248,10 @@ class Tracker:
         if isinstance(request, ListFiles):
             return Files(
                 request.rid,
-                tuple(FileEntry(e.manifest.name, e.manifest.size, e.manifest.file_id) for e in self.catalog.entries()),
+                tuple(
+                    FileEntry(e.manifest.name, e.manifest.size, e.manifest.file_id)
+                    for e in self.catalog.entries()
+                ),
             )
         if isinstance(request, StatsRequest):
             return Stats(request.rid, self.stats(now))
@@ -287,7 +292,9 @@ class Tracker:
             len(holdings),
         )
         s = self.settings
-        return Registered(request.rid, self.session, s.heartbeat_endpoint, s.heartbeat_interval_s, s.heartbeat_liveness)
+        return Registered(
+            request.rid, self.session, s.heartbeat_endpoint, s.heartbeat_interval_s, s.heartbeat_liveness
+        )
 
     def on_get(self, request: Get, sender: bytes, peer: str | None, now: float) -> Message | None:
         if self.catalog.rebuilding(request.name):
@@ -343,7 +350,10 @@ class Tracker:
         if len(self._waiting) >= MAX_WAITING_GETS:
             return self._retry_later(request)
         self._waiting_seq += 1
-        heapq.heappush(self._waiting, (now + GET_WAIT_S, self._waiting_seq, _WaitingGet(now + GET_WAIT_S, sender, request)))
+        heapq.heappush(
+            self._waiting,
+            (now + GET_WAIT_S, self._waiting_seq, _WaitingGet(now + GET_WAIT_S, sender, request)),
+        )
         self.m.gets_waiting.set(len(self._waiting))
         return None
 
@@ -365,7 +375,9 @@ class Tracker:
         partial = [h for h in holders if not h.segments.covers(0, segments)]
         partial_limit = MAX_PARTIAL_HOLDERS if len(complete) < MAX_PARTIAL_HOLDERS else 8
         chosen = heapq.nsmallest(MAX_PLAN_SOURCES, complete, key=lambda h: h.load)
-        chosen += heapq.nsmallest(min(partial_limit, MAX_PLAN_SOURCES - len(chosen)), partial, key=lambda h: h.load)
+        chosen += heapq.nsmallest(
+            min(partial_limit, MAX_PLAN_SOURCES - len(chosen)), partial, key=lambda h: h.load
+        )
         return chosen
 
     def on_holdings(self, request: Have | Lost, peer: str | None, now: float, add: bool) -> Message:

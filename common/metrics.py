@@ -18,6 +18,7 @@ they can be exposed as they are.
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -261,7 +262,7 @@ class PeakRate:
         while samples and now - samples[0][0] > self.window_s:
             samples.pop(0)
         best = 0.0
-        for (t0, v0), (t1, v1) in zip(samples, samples[1:], strict=False):
+        for (t0, v0), (t1, v1) in itertools.pairwise(samples):
             if t1 > t0:
                 best = max(best, (v1 - v0) / (t1 - t0))
         return best

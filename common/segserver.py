@@ -11,8 +11,8 @@ reader (the broker's catalog or a peer's store) hashes every slice it sends.
 from __future__ import annotations
 
 import logging
-import time
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -92,8 +92,12 @@ class SegmentServer(ServiceThread):
         self._bytes = self.metrics.counter("served_bytes_total", "payload bytes served")
         self._refused = self.metrics.counter("refused_requests_total", "requests answered with an error")
         self._malformed = self.metrics.counter("malformed_requests_total", "undecodable segment requests")
-        self._parked_gauge = self.metrics.gauge("parked_requests", "requests waiting for segments being fetched")
-        self._later = self.metrics.counter("later_segments_total", "segments answered `later` (still being fetched)")
+        self._parked_gauge = self.metrics.gauge(
+            "parked_requests", "requests waiting for segments being fetched"
+        )
+        self._later = self.metrics.counter(
+            "later_segments_total", "segments answered `later` (still being fetched)"
+        )
         self.published: Snapshot = self.metrics.snapshot()
         self._dirty = False
         self._parked: dict[bytes, list[_Parked]] = {}
@@ -175,7 +179,9 @@ class SegmentServer(ServiceThread):
             for p in ready:
                 parked.remove(p)
                 self._parked_count -= 1
-                self._send(sock, p.envelope, self._serve(p.request, may_park=False))
+                reply = self._serve(p.request, may_park=False)
+                assert reply is not None  # may_park=False: always an answer
+                self._send(sock, p.envelope, reply)
             if not parked:
                 del self._parked[file_id]
             self._parked_gauge.set(self._parked_count)

@@ -48,7 +48,9 @@ class Transport:
         self.connect(sock, address)
         return sock
 
-    def server(self, kind: int, host: str, port: int, key: str = "port", **options: Any) -> tuple[zmq.Socket[Any], int]:
+    def server(
+        self, kind: int, host: str, port: int, key: str = "port", **options: Any
+    ) -> tuple[zmq.Socket[Any], int]:
         """A bound socket and the port it got (port 0: any free port). `key` names the config
         field the port came from, for the error a user sees when it is taken."""
         sock = self.socket(kind, **options)
@@ -95,7 +97,9 @@ def bind(sock: zmq.Socket[Any], host: str, port: int, key: str = "port") -> int:
         sock.bind(address)
     except zmq.ZMQError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(f"{key}: port {port} on {host} is in use: is another zswarm already running?") from None
+            raise ConfigError(
+                f"{key}: port {port} on {host} is in use: is another zswarm already running?"
+            ) from None
         if exc.errno == errno.EADDRNOTAVAIL:
             raise ConfigError(f"bind_host: {host} is not an address of this machine") from None
         raise ConfigError(f"{key}: cannot bind {address}: {exc.strerror}") from None

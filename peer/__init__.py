@@ -1,7 +1,7 @@
 """A zswarm peer: downloads verified segments from the swarm and serves what it holds."""
 
-from peer.driver import GetFuture
 from peer.config import PeerConfig
+from peer.driver import GetFuture
 from peer.service import Peer
 from peer.transfer import GetResult, Progress
 

@@ -29,7 +29,17 @@ from common import protocol
 from common.errors import MalformedMessage, StorageError, TransferError
 from common.manifest import SEGMENT_SIZE, Manifest
 from common.metrics import Metrics, PeakRate
-from common.protocol import Error, Heartbeat, Holding, ListFiles, Message, Register, SegmentData, SegmentRequest, StatsRequest
+from common.protocol import (
+    Error,
+    Heartbeat,
+    Holding,
+    ListFiles,
+    Message,
+    Register,
+    SegmentData,
+    SegmentRequest,
+    StatsRequest,
+)
 from common.ranges import Run
 from common.service import RateLimitedLog, ServiceThread
 from common.transport import Transport
@@ -104,9 +114,9 @@ class Agent(ServiceThread, PeerDriver):
         self._idle_lanes.clear()
         for sock in list(self._lane_owner):
             self._close_socket(sock)
-        for sock in (self._dealer, self._pub):
-            if sock is not None:
-                sock.close(linger=0)
+        for own in (self._dealer, self._pub):
+            if own is not None:
+                own.close(linger=0)
 
     # ---- the loop
 

@@ -80,7 +80,7 @@ def describe_result(result: GetResult) -> str:
 
 
 def _progress_bar(name: str) -> tuple[Any, Any]:
-    from tqdm import tqdm  # type: ignore[import-untyped]
+    from tqdm import tqdm
 
     bar = tqdm(total=0, unit="seg", desc=name, file=sys.stderr, leave=True)
 

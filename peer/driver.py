@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from common.errors import BrokerUnavailable, RemoteError, ZswarmError
@@ -76,7 +77,9 @@ class PeerMetrics:
     updates)."""
 
     def __init__(self, metrics: Metrics) -> None:
-        self.requests_sent = metrics.counter("segment_requests_total", "segment requests sent, by source", ("source",))
+        self.requests_sent = metrics.counter(
+            "segment_requests_total", "segment requests sent, by source", ("source",)
+        )
         self.request_timeouts = metrics.counter(
             "segment_request_timeouts_total", "segment requests given up on for lack of a reply"
         )
@@ -146,6 +149,18 @@ class _Announced:
 @dataclass(frozen=True, slots=True)
 class _Call:
     future: Future[Message]
+
+
+def _have(command: Announce, rid: int) -> Message:
+    return Have(rid, command.file_id, command.runs)
+
+
+def _get(command: AskPlan, rid: int) -> Message:
+    return Get(rid, command.name, command.known_file_id)
+
+
+def _bad_source(command: ReportBad, rid: int) -> Message:
+    return BadSource(rid, command.file_id, command.source, command.runs, str(command.reason))
 
 
 class PeerDriver:
@@ -347,19 +362,14 @@ class PeerDriver:
                 self.io_abandon_request(job, command.request_id)
             elif isinstance(command, Announce):
                 if self.session.registered:
-                    announce = command
-                    self.request(
-                        lambda rid: Have(rid, announce.file_id, announce.runs), _Announced(job, command.final), now
-                    )
+                    self.request(partial(_have, command), _Announced(job, command.final), now)
                 elif command.final:
                     todo.extend(transfer.on_announced(False, now))  # registration carries it
             elif isinstance(command, AskPlan):
-                ask = command
-                self.request(lambda rid: Get(rid, ask.name, ask.known_file_id), _Plan(job), now)
+                self.request(partial(_get, command), _Plan(job), now)
             elif isinstance(command, ReportBad):
                 if self.session.registered:
-                    bad = command
-                    self.request(lambda rid: BadSource(rid, bad.file_id, bad.source, bad.runs, str(bad.reason)), None, now)
+                    self.request(partial(_bad_source, command), None, now)
             elif isinstance(command, Prepare):
                 todo.extend(self.io_prepare(job, command.manifest, now))
             elif isinstance(command, Finish):

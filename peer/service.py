@@ -23,8 +23,8 @@ from common.segserver import SegmentServer
 from common.subscription import Closed
 from common.transport import Transport, endpoint
 from peer.agent import Agent
-from peer.driver import GetFuture
 from peer.config import PeerConfig
+from peer.driver import GetFuture
 from peer.store import Store
 from peer.transfer import GetResult, Progress
 

@@ -210,7 +210,9 @@ class BrokerSession:
             # itself within a heartbeat expiry: ask again soon. Anything else: as after a timeout.
             self.state = SessionState.UNREGISTERED
             taken = isinstance(reply, Error) and reply.code == WireCode.NAME_TAKEN
-            self._next_register = now + (min(NAME_TAKEN_RETRY_S, self.broker_timeout_s) if taken else self.broker_timeout_s)
+            self._next_register = now + (
+                min(NAME_TAKEN_RETRY_S, self.broker_timeout_s) if taken else self.broker_timeout_s
+            )
             why = getattr(reply, "message", type(reply).__name__)
             return [RegistrationChanged(False, f"registration refused: {why}")]
         self.state = SessionState.REGISTERED

@@ -69,8 +69,8 @@ INITIAL_BATCH = 4  # segments per request while a source's rate is unknown (64 K
 LATER_LIMIT_S = 5.0  # segments a relay parent keeps answering `later` for go elsewhere after this
 STEAL_BACKLOG_S = 1.0  # a source with more queued than this at its rate gives work to idle ones...
 STEAL_FACTOR = 4.0  # ...that deliver this many times faster
-FIRST_REPLAN_S = 0.25
-REQUESTS_PER_DOWNLOAD = 200  # see TransferSettings.request_target_s  # the first plan is followed soon by another: downloaders arrive together
+FIRST_REPLAN_S = 0.25  # the first plan is followed soon by another: downloaders arrive together
+REQUESTS_PER_DOWNLOAD = 200  # see TransferSettings.request_target_s
 DELIVERY_SLACK = 3.0  # a request times out after this many times what its bytes should take
 MAX_REQUEST_TIMEOUT_S = 60.0
 ORIGIN_PATIENCE = 4  # origin requests time out after 4 x request_timeout_s at least
@@ -106,7 +106,9 @@ class TransferSettings:
     # keep the cost per byte low on big files.
     request_target_s: float = 0.05
     request_target_max_s: float = 1.0
-    queue_target_s: float = 0.3  # bytes in flight to a source: about this long at its rate (at least two requests)
+    queue_target_s: float = (
+        0.3  # bytes in flight to a source: about this long at its rate (at least two requests)
+    )
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,9 @@ class Progress:
 
     @property
     def fraction(self) -> float:
-        return self.done / self.segments if self.segments else (1.0 if self.state is TransferState.DONE else 0.0)
+        return (
+            self.done / self.segments if self.segments else (1.0 if self.state is TransferState.DONE else 0.0)
+        )
 
 
 # --------------------------------------------------------------------------- commands and events
@@ -497,7 +501,13 @@ class Transfer:
         return self._accept(source, request, reply, manifest, download, now)
 
     def _accept(
-        self, source: str, request: Request, reply: SegmentData, manifest: Manifest, download: Download, now: float
+        self,
+        source: str,
+        request: Request,
+        reply: SegmentData,
+        manifest: Manifest,
+        download: Download,
+        now: float,
     ) -> list[Command]:
         first, count = request.run
         if (reply.file_id, reply.first, reply.count) != (manifest.file_id, first, count):
@@ -581,7 +591,9 @@ class Transfer:
         if state in (TransferState.DONE, TransferState.FAILED, TransferState.FINISHING):
             return []
         if now - self.started >= self.settings.timeout_s:
-            return self._fail(TransferError(f"{self.name}: not finished within {self.settings.timeout_s:g} s"))
+            return self._fail(
+                TransferError(f"{self.name}: not finished within {self.settings.timeout_s:g} s")
+            )
         if state is TransferState.PLANNING:
             if self.manifest is not None:
                 return []  # preparing
@@ -662,7 +674,7 @@ class Transfer:
 
     def progress(self, now: float) -> Progress:
         manifest, download = self.manifest, self.download
-        seconds = (self.result.seconds if self.result is not None else now - self.started)
+        seconds = self.result.seconds if self.result is not None else now - self.started
         done = download.done if download is not None else 0
         if manifest is None:
             size = segments = bytes_done = 0
@@ -710,7 +722,9 @@ class Transfer:
     def _apply_plan(self, reply: FileInfo, now: float) -> None:
         download = self.download
         assert download is not None
-        sources = [(s.name, s.endpoint, None if s.runs is None else SegmentSet(s.runs)) for s in reply.sources]
+        sources = [
+            (s.name, s.endpoint, None if s.runs is None else SegmentSet(s.runs)) for s in reply.sources
+        ]
         queued_before = download.queued()
         download.replan(sources, list(reply.plan))
         # A plan that brought work may be followed by the next one at once; one that brought
@@ -795,7 +809,9 @@ class Transfer:
                 if download.take_endgame(source_name, stragglers) is None:
                     continue
                 self.endgame_requests += 1
-                commands.append(self._send(download, source.endpoint, now, file_id, self.timings.get(source.endpoint)))
+                commands.append(
+                    self._send(download, source.endpoint, now, file_id, self.timings.get(source.endpoint))
+                )
         return commands
 
     def _request_target(self, now: float) -> float:
@@ -813,7 +829,9 @@ class Transfer:
         if not pace:
             return settings.request_target_s
         left_s = (download.segment_count - download.done) * SEGMENT_SIZE / pace
-        return min(max(left_s / REQUESTS_PER_DOWNLOAD, settings.request_target_s), settings.request_target_max_s)
+        return min(
+            max(left_s / REQUESTS_PER_DOWNLOAD, settings.request_target_s), settings.request_target_max_s
+        )
 
     def _steal(self, download: Download) -> None:
         """Work stealing: a peer with room for requests and nothing queued takes queued work it

@@ -35,6 +35,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,6 @@ from common.protocol import (
     MAX_RUN_SEGMENTS,
     Error,
     FileEntry,
-    Heartbeat,
     Holding,
     Message,
     Register,
@@ -128,7 +128,9 @@ class Host:
     """A machine: an uplink shared fairly by the flows it sends (processor sharing, as TCP
     connections share a `tc tbf` uplink), a downlink capacity and a one-way latency."""
 
-    def __init__(self, clock: Clock, name: str, up_bps: float, down_bps: float = math.inf, latency_s: float = 0.0001):
+    def __init__(
+        self, clock: Clock, name: str, up_bps: float, down_bps: float = math.inf, latency_s: float = 0.0001
+    ):
         self.clock = clock
         self.name = name
         self.up_Bps = up_bps / 8
@@ -227,7 +229,9 @@ class Host:
 class Flow:
     __slots__ = ("done", "nbytes", "on_arrival", "origin", "rate", "remaining", "to", "wire")
 
-    def __init__(self, origin: Host, to: Host, nbytes: int, wire: float, on_arrival: Callable[[], None]) -> None:
+    def __init__(
+        self, origin: Host, to: Host, nbytes: int, wire: float, on_arrival: Callable[[], None]
+    ) -> None:
         self.origin, self.to, self.nbytes, self.wire = origin, to, nbytes, wire
         self.remaining = wire
         self.rate = 0.0
@@ -301,7 +305,7 @@ class SimPeer(PeerDriver):
         future = self.start_get(name, timeout_s, lambda: None, self.now)
         start = self.now
 
-        def done(f: GetFuture) -> None:
+        def done(f: Future[GetResult]) -> None:
             if f.cancelled():
                 self.errors[name] = "cancelled"
             elif f.exception() is not None:
@@ -419,11 +423,14 @@ class SimPeer(PeerDriver):
         held = self.held.get(file_id)
         manifest = self.manifests.get(file_id)
         later = self._fetching(file_id)
-        self.swarm.serve(self.host, client, job, key, file_id, first, count, held, manifest, self.lying, later)
+        self.swarm.serve(
+            self.host, client, job, key, file_id, first, count, held, manifest, self.lying, later
+        )
 
     def _fetching(self, file_id: bytes) -> bool:
         return any(
-            j.transfer.state is TransferState.FETCHING and j.transfer.manifest is not None
+            j.transfer.state is TransferState.FETCHING
+            and j.transfer.manifest is not None
             and j.transfer.manifest.file_id == file_id
             for j in self.jobs.values()
         )
@@ -518,7 +525,9 @@ class SimSettings:
 
 
 class SimSwarm:
-    def __init__(self, settings: SimSettings | None = None, origin_up_bps: float = 100e6, seed: int = 0) -> None:
+    def __init__(
+        self, settings: SimSettings | None = None, origin_up_bps: float = 100e6, seed: int = 0
+    ) -> None:
         self.settings = settings or SimSettings()
         self.clock = Clock()
         self.rng = random.Random(seed)
@@ -618,7 +627,9 @@ class SimSwarm:
         self._tracker_wake = math.inf
 
     def list_files(self) -> list[FileEntry]:
-        return [FileEntry(e.manifest.name, e.manifest.size, e.manifest.file_id) for e in self.catalog.entries()]
+        return [
+            FileEntry(e.manifest.name, e.manifest.size, e.manifest.file_id) for e in self.catalog.entries()
+        ]
 
     # ---- serving segments
 

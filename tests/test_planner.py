@@ -369,7 +369,9 @@ def test_relay_plans_what_no_holder_has_from_the_parents_in_ascending_order() ->
     assert set(got) == set(need)
     for b in range(n // block):
         parent = relay.parents[b % relay.stripes]
-        assert {got[i] for i in range(b * block, (b + 1) * block)} == {parent.name if parent else BROKER_SOURCE}
+        assert {got[i] for i in range(b * block, (b + 1) * block)} == {
+            parent.name if parent else BROKER_SOURCE
+        }
     # tree blocks come in ascending order, whatever the rotation
     firsts = [first for first, _, _ in plan.entries]
     assert firsts == sorted(firsts)
@@ -407,7 +409,9 @@ def test_random_relay_plans_every_needed_segment_once(seed: int) -> None:
     rng = random.Random(2000 + seed)
     n = rng.randrange(1, 600)
     block = rng.choice([4, 16, 64])
-    holders = [holder(f"p{k}", [(rng.randrange(n), rng.randrange(1, 100))]) for k in range(rng.randrange(0, 3))]
+    holders = [
+        holder(f"p{k}", [(rng.randrange(n), rng.randrange(1, 100))]) for k in range(rng.randrange(0, 3))
+    ]
     ds = [
         (k, holder(f"d{k}", [(rng.randrange(n), rng.randrange(1, 50))] if rng.random() < 0.5 else []))
         for k in range(rng.randrange(1, 12))

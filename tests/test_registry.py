@@ -344,7 +344,9 @@ def test_reregistering_does_not_grow_the_expiry_heap() -> None:
 # --------------------------------------------------------------------------- active downloads
 
 
-def active_names(r: Registry, file_id: bytes, now: float, segments: int = 100, idle_s: float = 2.0) -> list[tuple[int, str]]:
+def active_names(
+    r: Registry, file_id: bytes, now: float, segments: int = 100, idle_s: float = 2.0
+) -> list[tuple[int, str]]:
     return [(pos, h.name) for pos, h in r.downloaders(file_id, segments, now, idle_s)]
 
 
