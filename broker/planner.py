@@ -74,31 +74,56 @@ class Relay:
     downloaders: tuple[Holder, ...]
 
 
+class RelayTrees:
+    """The relay trees of one file for one set of downloaders (see `relay_for`), built once per
+    change of that set, so that finding a downloader's parents costs O(stripes), not O(N): the
+    tracker answers a thousand downloaders' plans without a pass over all of them each time."""
+
+    def __init__(self, members: list[tuple[int, str]], fanout: int) -> None:
+        """`members`: (join position, name) of the file's downloaders, in join order."""
+        self.fanout = max(1, fanout)
+        # Fewer downloaders than stripes: as many stripes as downloaders, so that no stripe is
+        # without an inner node of its own.
+        self.stripes = max(1, min(self.fanout, len(members)))
+        self.orders: list[list[str]] = []
+        self.places: list[dict[str, int]] = []
+        for stripe in range(self.stripes):
+            order = [name for pos, name in members if pos % self.stripes == stripe]
+            order += [name for pos, name in members if pos % self.stripes != stripe]
+            self.orders.append(order)
+            self.places.append({name: i for i, name in enumerate(order)})
+
+    def parents(self, name: str) -> list[str | None] | None:
+        """The parent in each stripe (None where `name` is the root), or None if not a member."""
+        if not self.places or name not in self.places[0]:
+            return None
+        out: list[str | None] = []
+        for order, places in zip(self.orders, self.places, strict=True):
+            place = places[name]
+            out.append(order[(place - 1) // self.fanout] if place else None)
+        return out
+
+
 def relay_for(downloaders: list[tuple[int, Holder]], requester: str, fanout: int) -> Relay | None:
     """The requester's parent in each stripe's tree. `downloaders`: (join position, holder) of
     the file's active downloaders, requester included.
 
-    A downloader's class is its join position modulo `fanout`. Stripe s's tree is a heap of
-    fan-out `fanout` (node k's parent is node (k - 1) // fanout) over the downloaders ordered
-    class s first, then the others, each group in join order. About one in `fanout` nodes of
-    a heap has children, so the inner nodes of stripe s are the downloaders of class s: each
-    downloader relays one stripe to about `fanout` others, one copy of the file in all, and the
-    depth is log(fanout, N). A newcomer appends a leaf in every stripe but its class's, where
-    it moves the leaves by one place: the plans it changes are refreshed at the next replan."""
-    me = next((h for _, h in downloaders if h.name == requester), None)
-    if me is None:
+    A downloader's class is its join position modulo the stripe count. Stripe s's tree is a
+    heap of fan-out `fanout` (node k's parent is node (k - 1) // fanout) over the downloaders
+    ordered class s first, then the others, each group in join order. About one in `fanout`
+    nodes of a heap has children, so the inner nodes of stripe s are the downloaders of class
+    s: each downloader relays one stripe to about `fanout` others, one copy of the file in all,
+    and the depth is log(fanout, N). A newcomer appends a leaf in every stripe but its class's,
+    where it moves the leaves by one place: the plans it changes are refreshed at the next
+    replan."""
+    trees = RelayTrees([(pos, h.name) for pos, h in downloaders], fanout)
+    names = trees.parents(requester)
+    if names is None:
         return None
-    # Fewer downloaders than stripes: as many stripes as downloaders, so that no stripe is
-    # without an inner node of its own.
-    width = max(1, min(fanout, len(downloaders)))
-    parents: list[Holder | None] = []
-    for stripe in range(width):
-        order = [h for pos, h in downloaders if pos % width == stripe]
-        order += [h for pos, h in downloaders if pos % width != stripe]
-        place = next(i for i, h in enumerate(order) if h is me)
-        parents.append(order[(place - 1) // fanout] if place else None)
-    others = tuple(h for _, h in downloaders if h is not me)
-    return Relay(width, tuple(parents), others)
+    by_name = {h.name: h for _, h in downloaders}
+    parents = tuple(by_name[n] if n is not None else None for n in names)
+    others = tuple(h for _, h in downloaders if h.name != requester)
+    return Relay(trees.stripes, parents, others)
 
 
 def plan_download(

@@ -523,6 +523,32 @@ class SimSettings:
     plan_policy: str = "swarm"
     peer: TransferSettings = field(default_factory=TransferSettings)
 
+    @classmethod
+    def defaults(cls) -> SimSettings:
+        """The defaults of the real configs (BrokerConfig, PeerConfig), field by field."""
+        from broker.config import BrokerConfig
+        from peer.config import PeerConfig
+
+        broker = {name: f.default for name, f in BrokerConfig.model_fields.items()}
+        peer = {name: f.default for name, f in PeerConfig.model_fields.items()}
+        return cls(
+            heartbeat_interval_s=broker["heartbeat_interval_s"],
+            heartbeat_liveness=broker["heartbeat_liveness"],
+            plan_block_segments=broker["plan_block_segments"],
+            origin_lanes=broker["origin_lanes"],
+            relay_fanout=broker["relay_fanout"],
+            download_idle_s=broker["download_idle_s"],
+            plan_policy=broker["plan_policy"],
+            peer=TransferSettings(
+                batch_segments=peer["batch_segments"],
+                lanes_per_source=peer["lanes_per_source"],
+                request_timeout_s=peer["request_timeout_s"],
+                have_flush_interval_s=peer["have_flush_interval_s"],
+                replan_interval_s=peer["replan_interval_s"],
+                broker_timeout_s=peer["broker_timeout_s"],
+            ),
+        )
+
 
 class SimSwarm:
     def __init__(

@@ -1,0 +1,135 @@
+"""Predict swarm times with the in-memory swarm: `python -m sim`.
+
+    python -m sim --peers 16 --size-mib 32 --up-mbit 20          one swarm
+    python -m sim --peers 16,100,1000 --links uniform,mixed,asym  a curve (time / ideal against N)
+    python -m sim ... --plot docs/sim-curve.png                   and a plot of it
+
+Every host's uplink is `--up-mbit` (the origin's too); `mixed`: the origin and every other peer
+at `--fast-mbit`, the rest at `--up-mbit`; `asym`: every host `--up-mbit` up and `--down-mbit`
+down. Peers start their `get` within 50 ms of each other (seeded, so runs repeat exactly).
+Settings are the defaults of the real configs (BrokerConfig, PeerConfig): what runs here is what
+users run. The ideal bound for a file of F bytes is max(F / u_origin, F / d_min,
+N F / (u_origin + sum of the peers' u)). Results also go to bench/results/sim.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sim.swarm import SimSettings, SimSwarm
+
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+MIB = 1 << 20
+
+
+def run_one(n: int, links: str, size: int, up_mbit: float, fast_mbit: float, down_mbit: float, seed: int) -> dict[str, Any]:
+    up = up_mbit * 1e6
+    origin_up = fast_mbit * 1e6 if links == "mixed" else up
+    down = down_mbit * 1e6 if links == "asym" else math.inf
+    sw = SimSwarm(SimSettings.defaults(), origin_up_bps=origin_up, seed=seed)
+    manifest = sw.add_file("f.bin", size)
+    ups: list[float] = []
+    peers = []
+    for i in range(1, n + 1):
+        peer_up = (fast_mbit * 1e6 if i % 2 else up) if links == "mixed" else up
+        ups.append(peer_up)
+        peers.append(sw.add_peer(f"p{i}", peer_up, down))
+    sw.run(0.5)  # every peer registered
+    rng = random.Random(seed)
+    start = sw.clock.now
+    for peer in peers:
+        sw.clock.at(start + rng.uniform(0, 0.05), peer.get, "f.bin")
+    wall0 = time.perf_counter()
+    done = sw.run_until_done("f.bin", peers, 3600.0)
+    wall = time.perf_counter() - wall0
+    bits = size * 8
+    ideal = max(bits / origin_up, bits / down if down != math.inf else 0.0, n * bits / (origin_up + sum(ups)))
+    times = [p.done_at.get("f.bin", math.nan) for p in peers]
+    finished = max(times) if done and not any(math.isnan(t) for t in times) else math.nan
+    requests = sum(p.metrics.snapshot().total("segment_requests_total") for p in peers)
+    return {
+        "n": n,
+        "links": links,
+        "size_mib": size / MIB,
+        "up_mbit": up_mbit,
+        "seconds": round(finished, 3),
+        "ideal_s": round(ideal, 3),
+        "vs_ideal": round(finished / ideal, 3),
+        "origin_copies": round(sw.origin_copies(manifest), 3),
+        "failed": sum(1 for p in peers if "f.bin" in p.errors),
+        "requests": int(requests),
+        "events": sw.clock.events,
+        "wall_s": round(wall, 2),
+    }
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in sorted({(r["links"], r["up_mbit"]) for r in rows}):
+        series = sorted((r["n"], r["vs_ideal"]) for r in rows if (r["links"], r["up_mbit"]) == key)
+        label = f"{key[0]}, {key[1]:g} Mbit/s" if key[0] != "mixed" else "mixed (half 100, half 20 Mbit/s)"
+        ax.plot([n for n, _ in series], [v for _, v in series], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("downloaders N")
+    ax.set_ylabel("time / ideal bound")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_title("in-memory swarm: time against the ideal bound")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sim", description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--peers", default="16", help="downloaders N, comma-separated")
+    ap.add_argument("--size-mib", type=float, default=32.0)
+    ap.add_argument("--links", default="uniform", help="uniform, mixed, asym (comma-separated)")
+    ap.add_argument("--up-mbit", default="100", help="uplink Mbit/s, comma-separated (the slow one for mixed)")
+    ap.add_argument("--fast-mbit", type=float, default=100.0, help="mixed: the fast uplinks and the origin's")
+    ap.add_argument("--down-mbit", type=float, default=100.0, help="asym: every downlink")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", type=Path, help="draw time / ideal against N into this PNG")
+    ap.add_argument("--results-name", default="sim", help="bench/results/<name>.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)  # timeouts, evictions: the table says what matters
+    size = int(args.size_mib * MIB)
+    rows: list[dict[str, Any]] = []
+    print(f"{'N':>5} {'links':<8} {'up':>5} {'time s':>8} {'ideal s':>8} {'x ideal':>7} {'origin':>6} {'wall s':>7}")
+    for links in args.links.split(","):
+        for up_mbit in [float(x) for x in args.up_mbit.split(",")]:
+            for n in [int(x) for x in args.peers.split(",")]:
+                row = run_one(n, links, size, up_mbit, args.fast_mbit, args.down_mbit, args.seed)
+                rows.append(row)
+                print(
+                    f"{n:>5} {links:<8} {up_mbit:>5g} {row['seconds']:>8.2f} {row['ideal_s']:>8.2f} "
+                    f"{row['vs_ideal']:>7.2f} {row['origin_copies']:>6.2f} {row['wall_s']:>7.1f}"
+                    + (f"  ({row['failed']} failed)" if row["failed"] else ""),
+                    flush=True,
+                )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{args.results_name}.json"
+    out.write_text(json.dumps({"benchmark": "sim", "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    if args.plot is not None:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
