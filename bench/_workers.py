@@ -196,14 +196,17 @@ def tracker_load(p: dict[str, Any]) -> None:
 
     peer, getter = dealer(), dealer()
     pub = None
+    token = bytes(16)
     if not echo_mode:
         reply_frames = None
         peer.send_multipart(protocol.encode(Register(1, name, "tcp://127.0.0.1:9", ())))
         if peer.poll(10_000):
             reply_frames = peer.recv_multipart()
-        if reply_frames is None or not isinstance(protocol.decode(reply_frames), Registered):
+        registered = protocol.decode(reply_frames) if reply_frames is not None else None
+        if not isinstance(registered, Registered):
             emit(event="error", error="registration failed")
             return
+        token = registered.token
         pub = ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.SNDHWM, 10_000)
@@ -216,7 +219,14 @@ def tracker_load(p: dict[str, Any]) -> None:
         haves.append(protocol.encode(Have(i + 1, file_id, ((first, rng.randint(1, block)),))))
     get = protocol.encode(Get(1, p["file_name"], known_file_id=file_id))
     ping = protocol.encode(Ping(1))
-    beat = protocol.encode(Heartbeat(name))
+    # Protocol 2: a heartbeat carries the registration's token and a growing sequence number, so
+    # each is encoded when sent (a replayed one would be refused, and cost the broker less).
+    beat_seq = [0]
+
+    def beat() -> list[bytes]:
+        beat_seq[0] += 1
+        return protocol.encode(Heartbeat(name, token, beat_seq[0]))  # type: ignore[return-value]
+
     mix = _parse_mix(p["mix"])
     inflight = int(p["inflight"])
     queues: dict[zmq.Socket[Any], deque[tuple[float, str]]] = {peer: deque(), getter: deque()}
@@ -253,11 +263,13 @@ def tracker_load(p: dict[str, Any]) -> None:
             k += 1
             sent[op] += 1
             if op == "hb" and pub is not None:
-                pub.send_multipart(beat)
+                pub.send_multipart(beat())
                 replies[op] += 1  # fire and forget: counted by the broker, see the parent
                 continue
             sock = getter if op == "get" else peer
-            frames = get if op == "get" else ping if op == "ping" else beat if op == "hb" else haves[k & 255]
+            frames = (
+                get if op == "get" else ping if op == "ping" else beat() if op == "hb" else haves[k & 255]
+            )
             sock.send_multipart(frames)
             queues[sock].append((time.perf_counter(), op))
             outstanding += 1

@@ -30,11 +30,13 @@ import logging
 import os
 import stat
 import threading
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.manifest import (
+    DIGEST_SIZE,
     SEGMENT_SIZE,
     Manifest,
     check_name,
@@ -42,12 +44,19 @@ from common.manifest import (
     read_manifest_file,
     write_manifest_file,
 )
+from common.protocol import DEFAULT_MAX_HEADER_BYTES, PROTOCOL_VERSION
 from common.ranges import Run
 from common.segserver import SourceBusy
 
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = ".manifest"
+# Protocol 2 sends a file's whole manifest in the header of one `file` reply, whose size a peer
+# caps at DEFAULT_MAX_HEADER_BYTES: 32 bytes of digest per 16 KiB segment, with 1 MiB kept for
+# the name, the sources and the plan. Larger files are not shared (31.5 GiB).
+HEADER_RESERVE_BYTES = 1024 * 1024
+MAX_SHARED_SIZE = (DEFAULT_MAX_HEADER_BYTES - HEADER_RESERVE_BYTES) // DIGEST_SIZE * SEGMENT_SIZE
+GiB = 1024**3
 # Errors that say "not now", not "this file changed": they must never drop a manifest.
 TRANSIENT_ERRNOS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN, errno.ENOBUFS, errno.EBUSY}
@@ -89,6 +98,13 @@ def is_transient(exc: OSError) -> bool:
     return exc.errno in TRANSIENT_ERRNOS
 
 
+def _raise_if_transient(exc: OSError) -> None:
+    """A listing that failed for a transient reason (no descriptor to open a folder with) is no
+    listing: abort the scan (nothing changes; the next one retries) rather than drop every file."""
+    if is_transient(exc):
+        raise SourceBusy(f"cannot list the share now: {exc.strerror}")
+
+
 class Catalog:
     def __init__(self, share_dir: Path, manifest_dir: Path) -> None:
         self.share_dir = Path(share_dir)
@@ -101,6 +117,8 @@ class Catalog:
         self.on_suspect: Callable[[], None] | None = None  # wakes the worker
         self.built = 0
         self.reused = 0
+        self._too_big: dict[str, int] = {}  # name -> size already warned about (once per size)
+        self._twins: dict[str, str] = {}  # name -> the NFC twin shared instead (warned once)
 
     # ---- scanning
 
@@ -140,13 +158,17 @@ class Catalog:
 
     def _list_files(self) -> dict[str, tuple[Path, FileStat]]:
         found: dict[str, tuple[Path, FileStat]] = {}
-        for folder, dirs, files in os.walk(self.share_dir, followlinks=False):
+        by_nfc: dict[str, str] = {}  # NFC form -> the name shared under it
+        twins: dict[str, str] = {}
+        too_big: dict[str, int] = {}
+        for folder, dirs, files in os.walk(self.share_dir, onerror=_raise_if_transient, followlinks=False):
             dirs.sort()
             for file_name in sorted(files):
                 path = Path(folder) / file_name
                 try:
                     st = os.lstat(path)
-                except OSError:
+                except OSError as exc:
+                    _raise_if_transient(exc)
                     continue
                 if not stat.S_ISREG(st.st_mode):
                     continue  # symlinks, FIFOs, sockets, devices: never shared
@@ -155,7 +177,28 @@ class Catalog:
                 if problem:
                     log.warning("not sharing %s: %s", path, problem)
                     continue
+                if st.st_size > MAX_SHARED_SIZE:
+                    too_big[name] = st.st_size
+                    if self._too_big.get(name) != st.st_size:  # once, not at every rescan
+                        log.warning(
+                            "not sharing %s: %.1f GiB is over the %g GiB limit of protocol %d"
+                            " (manifests in one frame)",
+                            path,
+                            st.st_size / GiB,
+                            MAX_SHARED_SIZE / GiB,
+                            PROTOCOL_VERSION,
+                        )
+                    continue
+                # Names equal once normalized (NFC/NFD twins) would be one file to a peer: keep the first.
+                twin = by_nfc.setdefault(unicodedata.normalize("NFC", name), name)
+                if twin != name:
+                    twins[name] = twin
+                    if self._twins.get(name) != twin:  # once, not at every rescan
+                        log.warning("not sharing %s: its name normalizes (NFC) to the shared %r", path, twin)
+                    continue
                 found[name] = (path, FileStat.of(st))
+        self._too_big = too_big
+        self._twins = twins
         return found
 
     def _mark_rebuilding(self, name: str) -> None:

@@ -3,9 +3,13 @@
     zswarm-broker -c broker.yaml              prints one ready line, then runs (stdin is ignored)
     zswarm-broker -c broker.yaml --control    the same ready line, then serves control commands
 
+The share folder is listed again every `rescan_interval_s` (files added, changed or removed take
+effect while it runs); SIGHUP (`kill -HUP PID`) lists it at once. Ctrl-C exits with status 130,
+SIGTERM with 0, each after a clean stop (common/cli.py has the rule).
+
 With --control, stdin and stdout are a control channel (the protocol is described in
-common/cli.py): ops `stats`, `rescan`, `metrics` and `quit`; end of input quits too. This is how
-the launcher (launcher/) drives broker processes.
+common/cli.py): ops `stats`, `rescan`, `metrics` and `quit`; end of input quits too, and the exit
+status is 0 however it stops. This is how the launcher (launcher/) drives broker processes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from broker.service import Broker
 from common.cli import (
     Command,
     finish_control,
+    on_sighup,
     run_guarded,
     serve_control,
     setup_logging,
@@ -62,15 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         config = BrokerConfig.from_yaml(args.config)
         setup_logging(args.log_level or config.log_level)
         stop = stop_event_on_signals()
+        broker = Broker(config)
+        on_sighup(broker.rescan, "rescan")  # installed first: a SIGHUP never kills the broker
         if args.control:
-            with Broker(config) as broker:
+            with broker:
                 server = serve_control(control_ops(broker), ready_line(broker), stop)
             return finish_control(server)
-        with Broker(config) as broker:
+        with broker:
             print(json.dumps(ready_line(broker)), flush=True)
             while not stop.wait(0.5):
                 pass
         print(json.dumps({"event": "stopped"}), file=sys.stdout, flush=True)
-        return 0
+        return stop.exit_status()  # 130 after Ctrl-C, 0 after SIGTERM
 
     return run_guarded(body)

@@ -2,6 +2,11 @@
 
 Every numeric field has both bounds: the upper ones are far beyond any sensible setting and are
 there to catch a slip (a value in ms where s was meant, extra zeros), not to tune anything.
+
+Authenticated mode (docs/SECURITY.md): `secret_key_file` (the broker's NAME.key_secret, mode 0600,
+made by zswarm-keygen) and `allow_dir` (a folder of the peers' public NAME.key files: a peer may
+connect only with a listed key, and may register only as the NAME its key is filed under) switch
+CURVE on for every socket of the broker. Both or neither; both are checked when the file is loaded.
 """
 
 from __future__ import annotations
@@ -10,17 +15,18 @@ import os
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from common.config import ConfigModel, LogLevel, check_folder
 from common.errors import ConfigError
+from common.protocol import MAX_REQUEST_BYTES
 
 DAY_S = 86400.0
 MAX_UPLOAD_MIB_S = 1_000_000.0  # about 1 TiB/s: beyond any link, so only a typo reaches it
 
 
 class BrokerConfig(ConfigModel):
-    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("share_dir", "manifest_dir")
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("share_dir", "manifest_dir", "secret_key_file", "allow_dir")
 
     share_dir: str = Field(min_length=1)
     manifest_dir: str = Field(min_length=1)
@@ -47,12 +53,50 @@ class BrokerConfig(ConfigModel):
     strike_limit: int = Field(default=3, ge=1, le=1000)  # bad-bytes reports before a peer is benched
     bench_s: float = Field(default=30.0, ge=0.0, le=DAY_S)
     upload_limit_mib_s: float = Field(default=0.0, ge=0.0, le=MAX_UPLOAD_MIB_S)  # cap on upload; 0: none
-    # Also the socket's message size limit; 64 MiB is the protocol's largest header.
+    # The tracker socket's frame limit, at most the protocol's largest request (1 MiB, a
+    # `register`: see `effective_max_request_bytes`); each op has its own smaller limit too.
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=4096, le=64 * 1024 * 1024)
     # How often the share folder is listed for files added, changed or removed (0: only at start
     # and on `rescan`). A listing stats every file; hashing happens only for what changed.
     rescan_interval_s: float = Field(default=2.0, ge=0.0, le=DAY_S)
     log_level: LogLevel = "INFO"
+    # Authenticated mode (CURVE + an allow-list): both or neither.
+    secret_key_file: str | None = None  # the broker's NAME.key_secret (mode 0600)
+    allow_dir: str | None = None  # folder of the public NAME.key files of the peers allowed in
+
+    @field_validator("secret_key_file")
+    @classmethod
+    def _secret_key_usable(cls, value: str | None) -> str | None:
+        if value is not None:
+            from common.security import load_secret
+
+            try:
+                load_secret(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("allow_dir")
+    @classmethod
+    def _allow_dir_usable(cls, value: str | None, info: ValidationInfo) -> str | None:
+        has_secret = info.data.get("secret_key_file") is not None
+        if value is None:
+            if has_secret:
+                raise ValueError("required with secret_key_file (the folder of the peers' public keys)")
+            return value
+        if not has_secret and "secret_key_file" in info.data:
+            raise ValueError("needs secret_key_file too (the broker's own key)")
+        if not os.path.isdir(value):
+            raise ValueError(f"{value} is not a folder")
+        return value
+
+    @property
+    def secure(self) -> bool:
+        return self.secret_key_file is not None
+
+    @property
+    def effective_max_request_bytes(self) -> int:
+        return min(self.max_request_bytes, MAX_REQUEST_BYTES)
 
     @field_validator("share_dir")
     @classmethod

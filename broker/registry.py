@@ -13,9 +13,20 @@ Holdings are kept twice, by peer and by file, as `SegmentSet`s (runs), so that d
 and answering "who holds file X" are both cheap.
 
 A peer that serves bytes failing verification, or refuses segments it claimed, is reported with
-`report_bad`: its claim on those segments is dropped at once, and after `strike_limit` reports
+`report_bad`: its claim on those segments is dropped at once, and after `strike_limit` strikes
 within `strike_window_s` it is benched (never offered as a source) for `bench_s`; the reason is
-kept for stats and logs.
+kept for stats and logs. One reporter's strikes count for at most `strike_limit - 1` (at least
+1), however many reports it sends: unless the limit is 1, a single hostile peer cannot bench
+anyone, while two downloaders who both got bad bytes can. A report is believed only for the runs
+the broker planned from that source to that reporter recently (`note_planned_runs`, a bounded
+record per reporter), so a peer cannot strip claims it was never sent to fetch. A refusal also
+(or any report) puts the file on the accused peer's `recheck` list (handed out with its next `pong`): it
+re-verifies what it holds and announces it again, so a false report costs a claim for seconds,
+never for good.
+
+Identity: each registration gets a fresh secret `token` and a heartbeat sequence; `heartbeat`
+accepts a beat only with that token, a sequence number above the last one accepted and, in
+authenticated mode, from the peer's own CURVE key.
 
 Active downloads: a peer that asks for a file's plan, or reports progress on it, is one of the
 file's active downloaders until it holds the whole file, leaves, or goes quiet on it for
@@ -27,10 +38,69 @@ little as downloaders come and go.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+import hmac
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 from common.ranges import Run, SegmentSet
+
+PLANNED_TTL_S = 120.0  # a plan's runs may be reported this long after it was made
+MAX_PLANNED_FILES = 16  # files whose plans are remembered per reporter (the oldest go first)
+MAX_PLANNED_RUNS = 16_384  # runs remembered per reporter and file (the plan's first ones)
+MAX_RECHECK_FILES = 64  # files a peer may be asked to re-verify at once
+BULK_RUNS = 64  # more runs than this in one change: merge in one pass, not run by run
+
+
+@dataclass
+class _Planned:
+    """Runs planned from each source to one reporter, for one file."""
+
+    at: float
+    by_source: dict[str, SegmentSet]
+    runs: int
+
+
+def _union(a: list[Run], b: list[Run]) -> list[Run]:
+    """Union of two lists of runs, each sorted by first (merged, one pass)."""
+    out: list[Run] = []
+    ia = ib = 0
+    while ia < len(a) or ib < len(b):
+        if ib >= len(b) or (ia < len(a) and a[ia][0] <= b[ib][0]):
+            first, count = a[ia]
+            ia += 1
+        else:
+            first, count = b[ib]
+            ib += 1
+        if out and first <= out[-1][0] + out[-1][1]:
+            last_first, last_count = out[-1]
+            out[-1] = (last_first, max(last_first + last_count, first + count) - last_first)
+        else:
+            out.append((first, count))
+    return out
+
+
+def _difference(held: list[Run], removed: list[Run]) -> list[Run]:
+    """`held` (sorted, disjoint) without `removed` (sorted by first), in one pass."""
+    out: list[Run] = []
+    j = 0
+    for first, count in held:
+        start, end = first, first + count
+        while j < len(removed) and removed[j][0] + removed[j][1] <= start:
+            j += 1
+        k = j
+        while start < end and k < len(removed) and removed[k][0] < end:
+            r_start, r_end = removed[k][0], removed[k][0] + removed[k][1]
+            if r_start > start:
+                out.append((start, r_start - start))
+            start = max(start, r_end)
+            k += 1
+        if start < end:
+            out.append((start, end - start))
+    return out
+
+
+PRUNE_S = 0.5  # the downloaders of a file are checked for liveness at most this often
+COMPLETE_GRACE = 5  # idle periods a complete downloader keeps its relay places
 
 
 @dataclass
@@ -41,13 +111,18 @@ class PeerRecord:
     registered_at: float
     last_seen: float
     holdings: dict[bytes, SegmentSet] = field(default_factory=dict)
-    strikes: list[float] = field(default_factory=list)
+    strikes: list[tuple[float, str]] = field(default_factory=list)  # (when, reporter)
     benched_until: float = 0.0
     bench_reason: str = ""
     up_bps: int = 0  # its own report (heartbeats): highest upload rate over its last seconds
     planned: float = 0.0  # segments recently planned from this peer (decays): its load
     planned_at: float = 0.0
     heap_deadline: float = 0.0  # the deadline of this record's one live entry in the expiry heap
+    token: bytes = b""  # the secret of this registration; heartbeats must carry it
+    heartbeat_seq: int = -1  # the last heartbeat sequence number accepted
+    key: bytes | None = None  # its CURVE public key (raw), in authenticated mode
+    plans: dict[bytes, _Planned] = field(default_factory=dict)  # as a reporter: plans it got
+    recheck: dict[bytes, None] = field(default_factory=dict)  # files to re-verify (ordered set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +154,8 @@ class Registry:
         self.evicted_total = 0
         # file_id -> downloader -> (join position, last sign of activity)
         self._active: dict[bytes, dict[str, tuple[int, float]]] = {}
+        self._versions: dict[bytes, int] = {}  # file_id -> version of its set of downloaders
+        self._members: dict[bytes, tuple[float, int, list[tuple[int, str]]]] = {}  # pruned at, version, list
 
     # ---- membership
 
@@ -89,13 +166,16 @@ class Registry:
         endpoint: str,
         holdings: Iterable[tuple[bytes, Iterable[Run]]],
         now: float,
+        token: bytes = b"",
+        key: bytes | None = None,
     ) -> bool:
-        """Add or replace a peer with exactly these holdings; True when it replaced a record."""
+        """Add or replace a peer with exactly these holdings; True when it replaced a record.
+        `token`: the secret its heartbeats must carry; `key`: its CURVE public key, if any."""
         old = self.peers.get(name)
         replaced = old is not None
         if old is not None:
             self.remove(name)
-        record = PeerRecord(name, routing_id, endpoint, now, now)
+        record = PeerRecord(name, routing_id, endpoint, now, now, token=token, key=key)
         if old is not None:  # a re-registering peer keeps its strikes: restarting must not clear them
             record.strikes, record.benched_until = old.strikes, old.benched_until
             record.bench_reason = old.bench_reason
@@ -113,6 +193,7 @@ class Registry:
     def _forget_downloads(self, name: str) -> None:
         for file_id in [f for f, active in self._active.items() if name in active]:
             del self._active[file_id][name]
+            self._bump(file_id)
             if not self._active[file_id]:
                 del self._active[file_id]
 
@@ -136,13 +217,34 @@ class Registry:
         return self.peers.get(name) if name is not None else None
 
     def touch(self, name: str, now: float, up_bps: int = 0) -> bool:
-        """A heartbeat; `up_bps`: the peer's own figure of its recent peak upload rate."""
+        """Life from a peer (no checks: `heartbeat` checks); `up_bps`: its own figure of its
+        recent peak upload rate."""
         record = self.peers.get(name)
         if record is None:
             return False
         record.last_seen = now
         record.up_bps = up_bps
         return True
+
+    def heartbeat(
+        self, name: str, token: bytes, seq: int, now: float, up_bps: int = 0, key: bytes | None = None
+    ) -> str | None:
+        """A heartbeat: None when accepted (the peer lives on), else why it was refused: `unknown`
+        (no such peer), `key` (sent with another CURVE key), `token` (not this registration's
+        secret), `replay` (a sequence number not above the last one accepted)."""
+        record = self.peers.get(name)
+        if record is None:
+            return "unknown"
+        if record.key is not None and key != record.key:
+            return "key"
+        if not hmac.compare_digest(token, record.token):
+            return "token"
+        if seq <= record.heartbeat_seq:
+            return "replay"
+        record.heartbeat_seq = seq
+        record.last_seen = now
+        record.up_bps = up_bps
+        return None
 
     def expire(self, now: float) -> list[str]:
         evicted: list[str] = []
@@ -175,20 +277,37 @@ class Registry:
         if held is None:
             held = record.holdings[file_id] = SegmentSet()
             self._by_file.setdefault(file_id, {})[name] = held
+        runs = list(runs)
+        if len(runs) > BULK_RUNS:
+            # Run by run, each insertion in the middle moves the lists' tails: quadratic for a
+            # request of 65,536 runs in reverse order. Sorted and merged, it is one pass.
+            self._replace(record, file_id, _union(held.runs(), sorted(runs)))
+            return
         for first, count in runs:
             held.add(first, count)
 
     def remove_runs(self, name: str, file_id: bytes, runs: Iterable[Run]) -> None:
         record = self.peers.get(name)
         held = record.holdings.get(file_id) if record is not None else None
-        if held is None:
+        if record is None or held is None:
+            return
+        runs = list(runs)
+        if len(runs) > BULK_RUNS:
+            self._replace(record, file_id, _difference(held.runs(), sorted(runs)))
             return
         for first, count in runs:
             held.remove(first, count)
 
+    def _replace(self, record: PeerRecord, file_id: bytes, runs: list[Run]) -> None:
+        """Put a new set (sorted, disjoint runs) in place of a peer's holdings of a file."""
+        held = SegmentSet(runs)  # in order: appends only
+        record.holdings[file_id] = held
+        self._by_file.setdefault(file_id, {})[record.name] = held
+
     def forget_file(self, file_id: bytes) -> None:
         """Drop every claim on a file version the broker no longer serves."""
         self._active.pop(file_id, None)
+        self._bump(file_id)
         for name in self._by_file.pop(file_id, {}):
             record = self.peers.get(name)
             if record is not None:
@@ -199,12 +318,17 @@ class Registry:
         held = record.holdings.get(file_id) if record is not None else None
         return held.copy() if held is not None else SegmentSet()
 
-    def holders(self, file_id: bytes, now: float, exclude: str | None = None) -> list[Holder]:
-        """Live, unbenched peers holding any segment of the file, with their current load."""
+    def holders(
+        self, file_id: bytes, now: float, exclude: str | None = None, skip: Container[str] = ()
+    ) -> list[Holder]:
+        """Live, unbenched peers holding any segment of the file, with their current load;
+        `skip`: names to leave out (the file's downloaders, which serve through relay trees)."""
         out: list[Holder] = []
         for name, held in self._by_file.get(file_id, {}).items():
+            if name == exclude or name in skip or not held:
+                continue
             record = self.peers[name]
-            if name == exclude or not held or record.benched_until > now:
+            if record.benched_until > now:
                 continue
             out.append(Holder(name, record.endpoint, held, self.load_of(record, now)))
         return out
@@ -223,6 +347,7 @@ class Registry:
             taken = {position for position, _ in active.values()}
             position = next(p for p in range(len(taken) + 1) if p not in taken)
             active[name] = (position, now)
+            self._bump(file_id)
         else:
             active[name] = (entry[0], now)
 
@@ -235,34 +360,64 @@ class Registry:
     def downloaders(
         self, file_id: bytes, segment_count: int, now: float, idle_s: float
     ) -> list[tuple[int, Holder]]:
-        """The file's active downloaders as (join position, holder), in join order: alive, not
-        benched, and heard from within `idle_s`, or done (a complete copy stays in its place
-        for as long as its peer lives: it serves everything it was to relay, at once). Those no
-        longer active are forgotten."""
+        """The file's active downloaders as (join position, holder), in join order (see
+        `members`)."""
+        _, members = self.members(file_id, segment_count, now, idle_s)
+        out: list[tuple[int, Holder]] = []
+        for position, name in members:
+            holder = self.holder(name, file_id, now)
+            if holder is not None:
+                out.append((position, holder))
+        return out
+
+    def members(
+        self, file_id: bytes, segment_count: int, now: float, idle_s: float
+    ) -> tuple[int, list[tuple[int, str]]]:
+        """(version, [(join position, name)]) of the file's active downloaders, in join order:
+        alive, not benched, and heard from within `idle_s` (COMPLETE_GRACE times that for a
+        complete copy, which serves everything it was to relay, at once).
+        The version changes when the set does. Pruned at most every PRUNE_S: between prunes
+        the list is the cached one (a GET must not cost a pass over a thousand downloaders)."""
         active = self._active.get(file_id)
         if not active:
-            return []
-        out: list[tuple[int, Holder]] = []
-        for name, (position, last) in list(active.items()):
+            return 0, []
+        cached = self._members.get(file_id)
+        if cached is not None and now - cached[0] < PRUNE_S and cached[1] == self._versions.get(file_id, 0):
+            return cached[1], cached[2]
+        for name, (_position, last) in list(active.items()):
             record = self.peers.get(name)
             held = record.holdings.get(file_id) if record is not None else None
             complete = held is not None and held.covers(0, segment_count)
-            if record is None or (now - last > idle_s and not complete):
+            # A complete downloader keeps its place while its crowd is still downloading
+            # (COMPLETE_GRACE idle periods), so that the first to finish does not become every
+            # other downloader's holder; after that it is a holder like any other.
+            if record is None or now - last > (idle_s * COMPLETE_GRACE if complete else idle_s):
                 del active[name]
-                continue
-            if record.benched_until > now:
-                continue
-            # The live set, not a copy: planning reads it in this thread and keeps nothing.
-            holder = Holder(
-                name,
-                record.endpoint,
-                held if held is not None else SegmentSet(),
-                self.load_of(record, now),
-            )
-            out.append((position, holder))
+                self._bump(file_id)
+        members = sorted(
+            (position, name)
+            for name, (position, _) in active.items()
+            if self.peers[name].benched_until <= now
+        )
+        version = self._versions.get(file_id, 0)
+        self._members[file_id] = (now, version, members)
         if not active:
             del self._active[file_id]
-        return sorted(out, key=lambda item: item[0])
+        return version, members
+
+    def holder(self, name: str, file_id: bytes, now: float) -> Holder | None:
+        """One peer as a source of one file (its live holdings, not a copy: planning reads it in
+        this thread and keeps nothing)."""
+        record = self.peers.get(name)
+        if record is None:
+            return None
+        held = record.holdings.get(file_id)
+        return Holder(
+            name, record.endpoint, held if held is not None else SegmentSet(), self.load_of(record, now)
+        )
+
+    def _bump(self, file_id: bytes) -> None:
+        self._versions[file_id] = self._versions.get(file_id, 0) + 1
 
     # ---- load and misbehaviour
 
@@ -277,6 +432,66 @@ class Registry:
             record.planned = self.load_of(record, now) + segments
             record.planned_at = now
 
+    def note_planned_runs(
+        self, reporter: str, file_id: bytes, runs_by_source: dict[str, list[Run]], now: float
+    ) -> None:
+        """A plan was sent to `reporter`: remember which runs it was to fetch from which source,
+        so that its reports about them can be believed. Bounded: MAX_PLANNED_FILES files per
+        reporter (the least recently planned go first), MAX_PLANNED_RUNS runs per file."""
+        record = self.peers.get(reporter)
+        if record is None:
+            return
+        plans = record.plans
+        entry = plans.pop(file_id, None)  # re-inserted last: the dict's order is recency
+        if entry is None or now - entry.at > PLANNED_TTL_S:
+            entry = _Planned(now, {}, 0)
+        entry.at = now
+        for source, runs in runs_by_source.items():
+            if entry.runs >= MAX_PLANNED_RUNS:
+                break
+            runs = runs[: MAX_PLANNED_RUNS - entry.runs]
+            held = entry.by_source.get(source)
+            before = held.run_count() if held is not None else 0
+            merged = SegmentSet(_union(held.runs() if held is not None else [], sorted(runs)))
+            entry.by_source[source] = merged
+            entry.runs += merged.run_count() - before
+        plans[file_id] = entry
+        while len(plans) > MAX_PLANNED_FILES:
+            del plans[next(iter(plans))]
+
+    def planned_runs(
+        self, reporter: str, file_id: bytes, source: str, runs: Iterable[Run], now: float
+    ) -> list[Run]:
+        """The part of `runs` that was planned from `source` to `reporter` within PLANNED_TTL_S."""
+        record = self.peers.get(reporter)
+        entry = record.plans.get(file_id) if record is not None else None
+        if entry is None or now - entry.at > PLANNED_TTL_S:
+            return []
+        planned = entry.by_source.get(source)
+        if planned is None:
+            return []
+        out: list[Run] = []
+        for first, count in runs:
+            out.extend(planned.intersect_run(first, count))
+        return out
+
+    def take_recheck(self, name: str) -> tuple[bytes, ...]:
+        """The files this peer is to re-verify and announce again (the list is emptied)."""
+        record = self.peers.get(name)
+        if record is None or not record.recheck:
+            return ()
+        files = tuple(record.recheck)
+        record.recheck.clear()
+        return files
+
+    def strikes_of(self, record: PeerRecord) -> int:
+        """Strikes that count: each reporter's, up to `strike_limit - 1` (at least 1)."""
+        cap = max(self.strike_limit - 1, 1)
+        by_reporter: dict[str, int] = {}
+        for _, who in record.strikes:
+            by_reporter[who] = min(by_reporter.get(who, 0) + 1, cap)
+        return sum(by_reporter.values())
+
     def report_bad(
         self,
         name: str,
@@ -285,20 +500,30 @@ class Registry:
         reason: str,
         now: float,
         strike: bool = True,
+        reporter: str = "",
     ) -> bool:
-        """Drop the peer's claim on these segments; with `strike`, bench it after repeated reports.
+        """Drop the peer's claim on these segments; with `strike`, bench it after `strike_limit`
+        strikes within the window, one reporter's counting for at most `strike_limit - 1`.
 
         A refusal (the peer says it lacks segments it was listed for) only drops the claim; bytes
-        that failed verification also strike. Returns True when this report benched the peer.
+        that failed verification also strike. Either way the peer is asked to re-verify the file
+        and announce it again (`take_recheck`). Returns True when this report benched the peer.
         """
         record = self.peers.get(name)
         if record is None:
             return False
         self.remove_runs(name, file_id, runs)
+        # Whatever the reason, the accused re-verifies and announces what it still holds: a false
+        # report costs it the claim for a ping period; a real liar is benched by its strikes.
+        record.recheck.pop(file_id, None)
+        record.recheck[file_id] = None
+        while len(record.recheck) > MAX_RECHECK_FILES:
+            del record.recheck[next(iter(record.recheck))]
         if not strike:
             return False
-        record.strikes = [t for t in record.strikes if now - t < self.strike_window_s] + [now]
-        if len(record.strikes) >= self.strike_limit and record.benched_until <= now:
+        record.strikes = [(t, who) for t, who in record.strikes if now - t < self.strike_window_s]
+        record.strikes.append((now, reporter))
+        if self.strikes_of(record) >= self.strike_limit and record.benched_until <= now:
             record.benched_until = now + self.bench_s
             record.bench_reason = reason
             return True

@@ -7,6 +7,13 @@ until the tracker's next deadline. A bad message is answered with an error (when
 sender) and counted; it never stops the loop. Replies go out non-blocking with ROUTER_MANDATORY,
 so a vanished peer costs a counted drop, not a stall. Catalog changes found by the worker thread
 reach the tracker through `call()`, so the registry is only ever touched by its own thread.
+
+Hostile clients: requests are bounded by op before they are decoded (`protocol.decode_request`);
+the ROUTER's frame limit is the largest request's; replies of 64 KiB or more (`file` replies
+carry manifests) count against their client's `ReplyBudget` while libzmq holds them, and a client
+over it gets `busy` instead, so a client that asks and never reads holds a bounded amount of
+memory however many connections it opens. In authenticated mode the sender's CURVE key (the ZAP
+User-Id of the frame) goes to the tracker with every request and heartbeat.
 """
 
 from __future__ import annotations
@@ -14,26 +21,52 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, cast
 
 import zmq
+from zmq.utils import z85
 
 from broker.catalog import Catalog, CatalogWorker, Change
 from broker.config import BrokerConfig
 from broker.tracker import Reply, Tracker, TrackerSettings
 from common import protocol
-from common.errors import ClosedError, MalformedMessage
+from common.errors import ClosedError, MalformedMessage, WireCode
 from common.metrics import Metrics, Snapshot
 from common.node import Node, Service
-from common.protocol import Heartbeat
+from common.protocol import Error, Heartbeat
+from common.security import peer_identity
 from common.segserver import SegmentServer
 from common.service import RateLimitedLog, ServiceThread
-from common.transport import Transport, endpoint
+from common.transport import (
+    HEARTBEAT_INBOUND,
+    TRACKER_INBOUND,
+    ReplyBudget,
+    Transport,
+    client_identity,
+    endpoint,
+)
 
 log = logging.getLogger(__name__)
 
 _DRAIN = 256  # messages handled per wake-up before timers are looked at again
+CLIENT_REPLY_BYTES = 16 * 1024 * 1024  # unread reply bytes (big ones: manifests) per client
+TOTAL_REPLY_BYTES = 256 * 1024 * 1024  # ... all clients together
+TRACKER_SNDHWM = 256  # replies queued per connection (small ones; big ones are budgeted)
+TRACKER_RCVHWM = 64  # requests queued per connection (each at most 1 MiB)
+_CLIENTS_KEPT = 65_536  # routing id -> client, for replies sent later (waiting GETs)
+
+
+def raw_key(frame: zmq.Frame) -> bytes | None:
+    """The sender's CURVE public key (raw 32 bytes) that ZAP attached to a frame, if any."""
+    user = peer_identity(frame)
+    if user is None:
+        return None
+    try:
+        return bytes(z85.decode(user.encode("ascii")))
+    except (ValueError, UnicodeEncodeError):
+        return None
 
 
 class TrackerService(ServiceThread):
@@ -57,6 +90,8 @@ class TrackerService(ServiceThread):
         self._bad_log = RateLimitedLog(log)
         self._router: zmq.Socket[Any] | None = None
         self._sub: zmq.Socket[Any] | None = None
+        self.budget = ReplyBudget(CLIENT_REPLY_BYTES, TOTAL_REPLY_BYTES)
+        self._clients: OrderedDict[bytes, str] = OrderedDict()
 
     # ---- sockets
 
@@ -67,13 +102,20 @@ class TrackerService(ServiceThread):
             host,
             self.tracker_port,
             "tracker_port",
+            inbound=TRACKER_INBOUND,
             router_mandatory=1,
-            maxmsgsize=config.max_request_bytes,
-            sndhwm=10_000,
-            rcvhwm=10_000,
+            maxmsgsize=config.effective_max_request_bytes,
+            sndhwm=TRACKER_SNDHWM,
+            rcvhwm=TRACKER_RCVHWM,
         )
         self._sub, self.heartbeat_port = self.transport.server(
-            zmq.SUB, host, self.heartbeat_port, "heartbeat_port", maxmsgsize=4096, rcvhwm=100_000
+            zmq.SUB,
+            host,
+            self.heartbeat_port,
+            "heartbeat_port",
+            inbound=HEARTBEAT_INBOUND,
+            maxmsgsize=4096,
+            rcvhwm=1000,
         )
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.poller.register(self._router, zmq.POLLIN)
@@ -90,9 +132,18 @@ class TrackerService(ServiceThread):
             download_idle_s=config.download_idle_s,
             strike_limit=config.strike_limit,
             bench_s=config.bench_s,
+            origin_public_key=self._origin_key(),
         )
         self.tracker = Tracker(settings, self.catalog, random.getrandbits(63) + 1, self.metrics)
         self.tracker.extra_stats = self._origin_stats
+        security = self.transport.security
+        if security is not None and security.allow_list is not None:
+            allow_list = security.allow_list
+            self.tracker.key_names = allow_list.name_of
+
+    def _origin_key(self) -> bytes | None:
+        security = self.transport.security
+        return bytes(z85.decode(security.keys.public)) if security is not None else None
 
     def teardown(self) -> None:
         for sock in (self._router, self._sub):
@@ -114,7 +165,7 @@ class TrackerService(ServiceThread):
         if router in events:
             for _ in range(_DRAIN):
                 try:
-                    frames = router.recv_multipart(zmq.NOBLOCK)
+                    frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
                 self._on_frames(frames, tracker)
@@ -125,34 +176,51 @@ class TrackerService(ServiceThread):
 
     # ---- dispatch
 
-    def _on_frames(self, frames: list[bytes], tracker: Tracker) -> None:
+    def _on_frames(self, frames: list[zmq.Frame], tracker: Tracker) -> None:
         if len(frames) < 2:
             tracker.m.malformed.inc()
             return
-        routing_id, body = frames[0], frames[1:]
+        routing_id, body = frames[0].bytes, frames[1:]
+        secure = self.transport.secure
+        client = client_identity(frames[0], secure)
+        self._clients[routing_id] = client
+        self._clients.move_to_end(routing_id)
+        if len(self._clients) > _CLIENTS_KEPT:
+            self._clients.popitem(last=False)
         try:
-            request = protocol.decode(body, self.config.max_request_bytes, allowed=protocol.TRACKER_REQUESTS)
+            request = protocol.decode_request(body, self.config.effective_max_request_bytes)
         except MalformedMessage as exc:
             self._bad_log.warning("malformed request: %s", exc)
             self._send(tracker.on_malformed(routing_id, protocol.rid_of(body), str(exc)))
             return
-        self._send(tracker.on_request(request, routing_id, time.monotonic()))
+        key = raw_key(frames[0]) if secure else None
+        self._send(tracker.on_request(request, routing_id, time.monotonic(), key))
 
     def _send(self, replies: list[Reply]) -> None:
         router = self._router
         assert router is not None and self.tracker is not None
         for routing_id, reply in replies:
+            frames = [routing_id, *protocol.encode(reply)]
+            size = len(frames[1])
+            client = self._clients.get(routing_id, "")
+            if size >= 64 * 1024 and client and not self.budget.allows(client, size):
+                # This client has not read the big replies it already has: no more for now.
+                self.tracker.m.replies_busy.inc()
+                busy = Error(getattr(reply, "rid", 0), WireCode.BUSY, "too many unread replies; retry later")
+                frames = [routing_id, *protocol.encode(busy)]
+                size = 0
             try:
-                router.send_multipart([routing_id, *protocol.encode(reply)], zmq.NOBLOCK)
+                self.budget.send(router, frames, client, size)
             except zmq.ZMQError as exc:
                 self.tracker.m.replies_dropped.inc()
                 self._bad_log.warning("reply dropped: %s", exc.strerror)
 
     def _drain_heartbeats(self, sub: zmq.Socket[Any], tracker: Tracker) -> None:
         now = time.monotonic()
+        secure = self.transport.secure
         for _ in range(_DRAIN * 4):
             try:
-                frames = sub.recv_multipart(zmq.NOBLOCK)
+                frames = sub.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             try:
@@ -161,7 +229,10 @@ class TrackerService(ServiceThread):
                 tracker.m.heartbeats_malformed.inc()
                 self._bad_log.warning("malformed heartbeat: %s", exc)
                 continue
-            tracker.on_heartbeat(beat.name, now, beat.up_bps)
+            key = raw_key(frames[0]) if secure else None
+            refused = tracker.on_heartbeat(beat.name, beat.token, beat.seq, now, beat.up_bps, key)
+            if refused is not None and refused != "unknown":
+                self._bad_log.warning("heartbeat for %s refused: %s", beat.name, refused)
 
     # ---- commands (run in this thread through call())
 
@@ -174,7 +245,13 @@ class TrackerService(ServiceThread):
             self._send(tracker.on_catalog_change(change.name, change.old_file_id, now))
 
     def _origin_stats(self) -> dict[str, Any]:
+        watch = self.transport.watch
+        auth = self.transport.authenticator
         return {
+            "connections": watch.counts() if watch is not None else {},
+            "authentication": {"accepted": auth.accepted, "refused": auth.refused}
+            if auth is not None
+            else None,
             "origin": self.origin.counters(),
             "segments_served": self.origin.segments_served,
             "loop_errors": self.loop_errors + self.origin.loop_errors,  # bugs met; service went on
@@ -279,4 +356,8 @@ class Broker(Node):
         if self._origin is not None:
             snap.values.update(self._origin.published.values)
             snap.meta.update(self._origin.published.meta)
+        watch = self.transport.watch if self.transport is not None else None
+        if watch is not None:
+            snap.values.update(watch.published.values)
+            snap.meta.update(watch.published.meta)
         return snap

@@ -15,6 +15,15 @@ GET's answer (candidates, relay trees, spread over the file). The catalog is con
 through lookups only; files are hashed by the catalog worker on its own thread, whose results
 arrive as `on_catalog_change` (so no request ever waits for a disk).
 
+Identity. A peer is the connection it registered over (the ROUTER routing id), and in
+authenticated mode also its CURVE key (the ZAP User-Id the shell passes as `key`): a name is
+bound to the key the allow-list files it under (`key_names`), so a listed peer cannot register in
+another's name. Each registration gets a fresh secret token; a heartbeat counts only with that
+token, a growing sequence number and (authenticated) the peer's key. A `bad_source` report is
+believed only for runs that were planned from that source to that reporter recently; a refusal
+makes the accused re-verify and announce the file again (its next `pong` names it), and a strike
+needs several different reporters.
+
 Everything the tracker counts is a metric in its `Metrics` set.
 """
 
@@ -22,11 +31,12 @@ from __future__ import annotations
 
 import heapq
 import logging
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from broker.planner import MAX_PARTIAL_HOLDERS, plan_download, relay_for
+from broker.planner import MAX_PARTIAL_HOLDERS, Relay, RelayTrees, plan_download
 from broker.registry import Holder, Registry
 from common import protocol
 from common.errors import WireCode
@@ -55,12 +65,14 @@ from common.protocol import (
     StatsRequest,
 )
 from common.ranges import Run, SegmentSet
+from common.service import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
 MAX_PLAN_SOURCES = 256  # a GET names at most this many peers (the wire allows 4096)
 GET_WAIT_S = 2.0  # a GET waits this long for a manifest being rebuilt, then is told to retry
 MAX_WAITING_GETS = 10_000  # beyond this, GETs for files being rebuilt are told to retry at once
+MAX_CACHED_TREES = 1024  # files whose relay trees are kept between GETs
 
 Reply = tuple[bytes, Message]  # (connection id, message)
 
@@ -95,6 +107,7 @@ class TrackerSettings:
     download_idle_s: float = 2.0
     strike_limit: int = 3
     bench_s: float = 30.0
+    origin_public_key: bytes | None = None  # the origin's CURVE key (raw), in authenticated mode
 
     @property
     def peer_expiry_s(self) -> float:
@@ -130,13 +143,29 @@ class TrackerMetrics:
     def __init__(self, metrics: Metrics) -> None:
         self.requests = metrics.counter("tracker_requests_total", "tracker requests received, by op", ("op",))
         self.malformed = metrics.counter("tracker_malformed_requests_total", "undecodable tracker requests")
+        self.replies_busy = metrics.counter(
+            "tracker_replies_busy_total", "big replies replaced by busy: their client left too many unread"
+        )
         self.replies_dropped = metrics.counter(
             "tracker_replies_dropped_total", "replies the ROUTER could not queue (peer gone or not reading)"
         )
         self.heartbeats = metrics.counter("heartbeats_total", "heartbeats received")
         self.heartbeats_unknown = metrics.counter("heartbeats_unknown_total", "heartbeats from unknown names")
         self.heartbeats_malformed = metrics.counter("heartbeats_malformed_total", "undecodable heartbeats")
+        self.heartbeats_refused = metrics.counter(
+            "heartbeats_refused_total",
+            "heartbeats refused: unknown name, wrong token, replayed sequence, another peer's key",
+            ("reason",),
+        )
+        self.registers_refused = metrics.counter(
+            "registers_refused_total",
+            "registrations refused (name taken, key bound to another name)",
+            ("reason",),
+        )
         self.bad_reports = metrics.counter("bad_source_reports_total", "bad_source reports received")
+        self.bad_reports_ignored = metrics.counter(
+            "bad_source_reports_ignored_total", "bad_source reports about runs never planned from that source"
+        )
         self.segments_planned = metrics.counter(
             "segments_planned_total", "segments planned, by kind of source", ("source",)
         )
@@ -157,37 +186,56 @@ class Tracker:
         self.session = session
         self.metrics = metrics
         self.m = TrackerMetrics(metrics)
+        self._bad_log = RateLimitedLog(log)
         self.registry = Registry(
             settings.peer_expiry_s, strike_limit=settings.strike_limit, bench_s=settings.bench_s
         )
         self.get_counts: dict[bytes, int] = {}
+        self._trees: dict[bytes, tuple[int, RelayTrees, frozenset[str]]] = {}
         self.bench_log: list[dict[str, Any]] = []
         self._waiting: list[tuple[float, int, _WaitingGet]] = []  # heap by deadline
         self._waiting_seq = 0
         # Figures of the broker's other threads (the origin's counters), added by the shell.
         self.extra_stats: Callable[[], dict[str, Any]] | None = None
+        # Authenticated mode: the name a CURVE key (raw) may register as (the allow-list file it
+        # is in), None for a key that may not register. Unset: names are not bound to keys.
+        self.key_names: Callable[[bytes], str | None] | None = None
 
     # ---- inputs
 
-    def on_request(self, request: Message, sender: bytes, now: float) -> list[Reply]:
+    def on_request(
+        self, request: Message, sender: bytes, now: float, key: bytes | None = None
+    ) -> list[Reply]:
+        """`key`: the sender's CURVE public key (raw) in authenticated mode."""
         self.m.requests.inc(labels=(request.OP,))
         record = self.registry.peer_by_routing(sender)
+        if record is not None and record.key != key:
+            record = None  # a connection carries one key; a mismatch is a bug or a forgery
         if record is not None:
             record.last_seen = now
         peer = record.name if record is not None else None
         if isinstance(request, Get):
             reply = self.on_get(request, sender, peer, now)
             return [] if reply is None else [(sender, reply)]
+        if isinstance(request, Register):
+            return [(sender, self.on_register(request, sender, now, key))]
         return [(sender, self._answer(request, sender, peer, now))]
 
     def on_malformed(self, sender: bytes, rid: int, problem: str) -> list[Reply]:
         self.m.malformed.inc()
         return [(sender, Error(rid, WireCode.MALFORMED, problem))]
 
-    def on_heartbeat(self, name: str, now: float, up_bps: int = 0) -> None:
+    def on_heartbeat(
+        self, name: str, token: bytes, seq: int, now: float, up_bps: int = 0, key: bytes | None = None
+    ) -> str | None:
+        """A heartbeat; None when it counted, else why not (see Registry.heartbeat)."""
         self.m.heartbeats.inc()
-        if not self.registry.touch(name, now, up_bps):
+        refused = self.registry.heartbeat(name, token, seq, now, up_bps, key)
+        if refused == "unknown":
             self.m.heartbeats_unknown.inc()
+        if refused is not None:
+            self.m.heartbeats_refused.inc(labels=(refused,))
+        return refused
 
     def tick(self, now: float) -> tuple[list[str], list[Reply]]:
         """Evict silent peers; tell GETs that waited too long to retry. Returns (evicted, replies)."""
@@ -238,9 +286,8 @@ class Tracker:
         if isinstance(request, Have):
             return self.on_holdings(request, peer, now, add=True)
         if isinstance(request, Ping):
-            return Pong(request.rid, self.session, peer is not None)
-        if isinstance(request, Register):
-            return self.on_register(request, sender, now)
+            recheck = self.registry.take_recheck(peer) if peer is not None else ()
+            return Pong(request.rid, self.session, peer is not None, recheck)
         if isinstance(request, Lost):
             return self.on_holdings(request, peer, now, add=False)
         if isinstance(request, BadSource):
@@ -263,13 +310,25 @@ class Tracker:
             return Ok(request.rid)
         return Error(getattr(request, "rid", 0), WireCode.UNKNOWN_OP, f"{request.OP} is not a request")
 
-    def on_register(self, request: Register, sender: bytes, now: float) -> Message:
+    def on_register(self, request: Register, sender: bytes, now: float, key: bytes | None = None) -> Message:
         if request.proto != protocol.PROTOCOL_VERSION:
             return Error(request.rid, WireCode.VERSION, f"protocol {request.proto} not supported")
+        if self.key_names is not None:
+            allowed = self.key_names(key) if key is not None else None
+            if allowed != request.name:
+                self.m.registers_refused.inc(labels=("key",))
+                return Error(
+                    request.rid,
+                    WireCode.FORBIDDEN,
+                    f"this key may not register as {request.name!r}"
+                    + (f" (its name is {allowed!r})" if allowed else " (it is not on the allow-list)"),
+                )
         live = self.registry.peers.get(request.name)
-        if live is not None and live.routing_id != sender:
+        if live is not None and live.routing_id != sender and (key is None or live.key != key):
             # Another connection holds this name: refuse rather than let one peer take over
-            # another (a restarted peer gets its name back once the old entry expires).
+            # another (a restarted peer gets its name back once the old entry expires; with
+            # CURVE at once, since its key proves it is the same peer).
+            self.m.registers_refused.inc(labels=("name_taken",))
             return Error(
                 request.rid,
                 WireCode.NAME_TAKEN,
@@ -281,7 +340,8 @@ class Tracker:
             entry = self.catalog.by_id(holding.file_id)
             if entry is not None:  # claims on versions the broker does not serve are dropped
                 holdings.append((holding.file_id, _clip(holding.runs, entry.manifest.segment_count)))
-        replaced = self.registry.register(request.name, sender, request.endpoint, holdings, now)
+        token = secrets.token_bytes(protocol.TOKEN_SIZE)
+        replaced = self.registry.register(request.name, sender, request.endpoint, holdings, now, token, key)
         self.m.live.set(len(self.registry.peers))
         log.info(
             "peer %s %s at %s holding %d segments of %d files",
@@ -293,7 +353,12 @@ class Tracker:
         )
         s = self.settings
         return Registered(
-            request.rid, self.session, s.heartbeat_endpoint, s.heartbeat_interval_s, s.heartbeat_liveness
+            request.rid,
+            self.session,
+            s.heartbeat_endpoint,
+            s.heartbeat_interval_s,
+            s.heartbeat_liveness,
+            token,
         )
 
     def on_get(self, request: Get, sender: bytes, peer: str | None, now: float) -> Message | None:
@@ -314,12 +379,14 @@ class Tracker:
         if s.plan_policy == "swarm":
             if peer is not None and need:
                 self.registry.note_active(peer, file_id, now)
-            downloaders = self.registry.downloaders(file_id, segments, now, s.download_idle_s)
-            relay = relay_for(downloaders, peer, s.relay_fanout) if peer is not None else None
-            busy = {h.name for _, h in downloaders if not h.segments.covers(0, segments)}
-            # Active downloaders serve through the relay trees; the holders planned by what
-            # they hold are the others (complete copies, and partial ones no longer growing).
-            holders = [h for h in self._candidates(manifest, now, peer) if h.name not in busy]
+            trees, crowd = self._relay_trees(file_id, segments, now)
+            relay = self._relay(trees, file_id, peer, now) if peer is not None else None
+            # The file's downloaders serve each other through the relay trees, also once they
+            # are complete (as parents, at once); the holders planned by what they hold are the
+            # others: earlier copies, and partial ones no longer growing. A downloader that
+            # finished first must not become everyone's holder: its one uplink would carry the
+            # rest of the crowd's tail.
+            holders = self._candidates(manifest, now, peer, skip=crowd)
         plan = plan_download(
             segments,
             need,
@@ -334,6 +401,8 @@ class Tracker:
             self.m.segments_planned.inc(count, labels=("broker" if name == "broker" else "peer",))
         if plan.relayed:
             self.m.segments_relayed.inc(plan.relayed)
+        if peer is not None:
+            self._note_plan(peer, file_id, plan.sources, plan.entries, now)
         return FileInfo(
             rid=request.rid,
             name=manifest.name,
@@ -341,7 +410,7 @@ class Tracker:
             file_id=manifest.file_id,
             segment_size=manifest.segment_size,
             digests=None if request.known_file_id == manifest.file_id else manifest.digests,
-            sources=tuple(Source(src.name, src.endpoint, src.runs) for src in plan.sources),
+            sources=self._sources(plan.sources),
             plan=plan.entries,
             origin_lanes=s.origin_lanes,
         )
@@ -361,11 +430,37 @@ class Tracker:
     def _retry_later(request: Get) -> Message:
         return Error(request.rid, WireCode.BUSY, f"the manifest of {request.name!r} is being rebuilt; retry")
 
-    def _candidates(self, manifest: Manifest, now: float, requester: str | None) -> list[Holder]:
+    def _relay_trees(self, file_id: bytes, segments: int, now: float) -> tuple[RelayTrees, frozenset[str]]:
+        """The file's relay trees, rebuilt only when its set of downloaders changed."""
+        s = self.settings
+        version, members = self.registry.members(file_id, segments, now, s.download_idle_s)
+        cached = self._trees.get(file_id)
+        if cached is None or cached[0] != version:
+            cached = (version, RelayTrees(members, s.relay_fanout), frozenset(name for _, name in members))
+            self._trees[file_id] = cached
+            if len(self._trees) > MAX_CACHED_TREES:
+                self._trees.pop(next(iter(self._trees)))
+        return cached[1], cached[2]
+
+    def _relay(self, trees: RelayTrees, file_id: bytes, peer: str, now: float) -> Relay | None:
+        names = trees.parents(peer)
+        if names is None:
+            return None
+        parents = tuple(self.registry.holder(n, file_id, now) if n is not None else None for n in names)
+        # Only a stripe's root looks at what the other downloaders hold (few of them are roots).
+        others: tuple[Holder, ...] = ()
+        if None in names:
+            holders = (self.registry.holder(n, file_id, now) for n in trees.orders[0] if n != peer)
+            others = tuple(h for h in holders if h is not None)
+        return Relay(trees.stripes, parents, others)
+
+    def _candidates(
+        self, manifest: Manifest, now: float, requester: str | None, skip: frozenset[str] = frozenset()
+    ) -> list[Holder]:
         """Holders to plan over: all of them up to MAX_PLAN_SOURCES, else the least loaded."""
         if self.settings.plan_policy == "origin_only":
             return []
-        holders = self.registry.holders(manifest.file_id, now, exclude=requester)
+        holders = self.registry.holders(manifest.file_id, now, exclude=requester, skip=skip)
         if len(holders) <= MAX_PLAN_SOURCES and len(holders) <= MAX_PARTIAL_HOLDERS:
             return holders
         # Complete holders are cheap to plan and to send (no runs); partial ones cost a walk of
@@ -394,19 +489,58 @@ class Tracker:
                 log.info("peer %s lost %d segments of %s", peer, sum(c for _, c in runs), entry.manifest.name)
         return Ok(request.rid)
 
+    def _sources(self, planned: Sequence[Any]) -> tuple[Source, ...]:
+        """The `file` reply's sources, each with its CURVE key in authenticated mode."""
+        out: list[Source] = []
+        for src in planned:
+            if src.name == "broker":
+                key = self.settings.origin_public_key
+            else:
+                record = self.registry.peers.get(src.name)
+                key = record.key if record is not None else None
+            out.append(Source(src.name, src.endpoint, src.runs, key))
+        return tuple(out)
+
+    def _note_plan(
+        self,
+        peer: str,
+        file_id: bytes,
+        sources: Sequence[Any],
+        entries: Sequence[tuple[int, int, int]],
+        now: float,
+    ) -> None:
+        """Remember what this plan sends `peer` to fetch from which peer: its bad_source
+        reports are believed for those runs only."""
+        by_source: dict[str, list[Run]] = {}
+        for first, count, index in entries:
+            name = sources[index].name
+            if name != "broker":
+                by_source.setdefault(name, []).append((first, count))
+        if by_source:
+            self.registry.note_planned_runs(peer, file_id, by_source, now)
+
     def on_bad_source(self, request: BadSource, peer: str | None, now: float) -> Message:
         if peer is None:
             return Error(request.rid, WireCode.NOT_REGISTERED, "register first")
         self.m.bad_reports.inc()
         reason = BadSourceReason(request.reason)
+        runs = self.registry.planned_runs(peer, request.file_id, request.source, request.runs, now)
+        if not runs:
+            # Never planned from that source to this reporter (or too long ago): nothing it
+            # says about them can be checked, so nothing happens to the accused.
+            self.m.bad_reports_ignored.inc()
+            self._bad_log.warning(
+                "%s reports %s for segments never planned from it to %s: ignored", peer, request.source, peer
+            )
+            return Ok(request.rid)
         benched = self.registry.report_bad(
-            request.source, request.file_id, request.runs, reason.value, now, strike=reason.strikes
+            request.source, request.file_id, runs, reason.value, now, strike=reason.strikes, reporter=peer
         )
         log.warning(
             "%s reports %s for %d segments: %s",
             peer,
             request.source,
-            sum(c for _, c in request.runs),
+            sum(c for _, c in runs),
             request.reason,
         )
         if benched:
@@ -446,6 +580,9 @@ class Tracker:
         requests["heartbeats_unknown"] = int(snap.get("heartbeats_unknown_total"))
         requests["malformed_heartbeats"] = int(snap.get("heartbeats_malformed_total"))
         requests["bad_reports"] = int(snap.get("bad_source_reports_total"))
+        requests["bad_reports_ignored"] = int(snap.get("bad_source_reports_ignored_total"))
+        requests["heartbeats_refused"] = int(snap.total("heartbeats_refused_total"))
+        requests["registers_refused"] = int(snap.total("registers_refused_total"))
         return {
             "session": self.session,
             "live_peers": sorted(peers),

@@ -1,5 +1,7 @@
-"""What both command-line tools share: logging, one-line fatal errors, signals, and the control
-channel through which scripts and the launcher (launcher/) drive a broker or peer process.
+"""What both command-line tools share: logging (through `Console`, which keeps log lines off the
+prompt line and out of a progress bar), one-line fatal errors, one exit-status rule, signals, and
+the control channel through which scripts and the launcher (launcher/) drive a broker or peer
+process.
 
 Control protocol
 ----------------
@@ -39,7 +41,8 @@ for programs; people keep the prompt (and its `--json` answers).
 Peer ops: `get` (name, timeout), `cancel` (name: every get of that name in flight; result
 {"cancelled": N}), `status`, `files`, `remote`, `broker_stats`, `rescan`, `metrics` (flat),
 `wait_registered` (timeout: true once registered, false at the timeout), `quit`.
-Broker ops: `stats`, `rescan`, `metrics`, `quit`.
+Broker ops: `stats`, `rescan` (list the share folder now; the result is the names shared
+afterwards; SIGHUP does the same without an answer, in either mode), `metrics`, `quit`.
 
 `quit` is answered (`{"id": N, "event": "result", "result": "bye"}`), then the process leaves as
 it does on Ctrl-C: a peer says bye to the broker, every thread stops, commands still running end
@@ -64,36 +67,135 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import CancelledError
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO
 
 from common.errors import ConfigError, RemoteError, ZswarmError
 
-EXIT_CONFIG = 2
+# Exit status, the same rule for both tools (README, "Command line"): 0 when the program did what
+# it was asked (a download finished; the prompt, `serve` or the broker stopped by quit, Ctrl-D or
+# SIGTERM), 1 when a download or command failed, 2 for a bad config (or a port or data_dir in
+# use), 130 (128 + SIGINT, as shells report it) after Ctrl-C, always after a clean stop (a peer
+# says bye first). The control mode, which programs drive, ends with 0 however it is asked to.
+EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 log = logging.getLogger(__name__)
 
 
+# --------------------------------------------------------------------------------- the terminal
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _line_buffer() -> str:
+    """What the user has typed at the prompt so far (readline's buffer), if readline is in use."""
+    readline = sys.modules.get("readline")
+    if readline is None:
+        return ""
+    try:
+        return str(readline.get_line_buffer())
+    except Exception:
+        return ""
+
+
+class Console:
+    """Keeps log lines apart from what the user looks at: the prompt line and the progress bar.
+
+    While a progress bar is shown (`showing_bar`), log lines go through `tqdm.write`, which clears
+    the bar, writes the line and draws the bar again below it. While the prompt waits for input
+    (`at_prompt`) on a terminal, a log line clears the prompt line, is written, and the prompt is
+    printed again with what was typed so far. Otherwise a log line is just written."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._bar: Any = None
+        self._prompt: str | None = None
+
+    def set_bar(self, bar: Any) -> None:
+        """The tqdm bar now shown (None: none)."""
+        with self._lock:
+            self._bar = bar
+
+    @contextmanager
+    def showing_bar(self, bar: Any) -> Iterator[None]:
+        self.set_bar(bar)
+        try:
+            yield
+        finally:
+            self.set_bar(None)
+
+    @contextmanager
+    def at_prompt(self, prompt: str) -> Iterator[None]:
+        with self._lock:
+            self._prompt = prompt
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._prompt = None
+
+    def write_log(self, text: str, stream: Any) -> None:
+        with self._lock:
+            bar, prompt = self._bar, self._prompt
+            if bar is not None:
+                type(bar).write(text, file=stream)
+            elif prompt is not None and _isatty(stream) and _isatty(sys.stdout):
+                stream.write("\r\x1b[K" + text + "\n")  # clear the prompt line, then the log line
+                stream.flush()
+                sys.stdout.write(prompt + _line_buffer())  # the prompt again, as it was
+                sys.stdout.flush()
+            else:
+                stream.write(text + "\n")
+                stream.flush()
+
+
+console = Console()
+
+
+class ConsoleHandler(logging.StreamHandler[TextIO]):
+    """A stream handler that writes through `console` (never onto the prompt or the bar)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            console.write_log(self.format(record), self.stream)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = ConsoleHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+
+
+# --------------------------------------------------------------------------------- errors, signals
 
 
 def fail(message: str, status: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr, flush=True)
     return status
 
 
 def run_guarded(body: Callable[[], int]) -> int:
-    """Run a CLI body: config problems exit 2, other zswarm errors exit 1, each in one line."""
+    """Run a CLI body: config problems exit 2, other zswarm errors exit 1, each in one line;
+    Ctrl-C exits 130."""
     try:
         return body()
     except ConfigError as exc:
@@ -103,19 +205,54 @@ def run_guarded(body: Callable[[], int]) -> int:
     except FileNotFoundError as exc:
         return fail(str(exc), EXIT_CONFIG)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
-def stop_event_on_signals() -> threading.Event:
+class StopEvent(threading.Event):
+    """Set by SIGTERM or SIGINT; `signum` is the first signal that set it (None: something else)."""
+
+    signum: int | None = None
+
+    def exit_status(self) -> int:
+        """The exit status of a program that ran until this was set (see the rule above)."""
+        return EXIT_INTERRUPTED if self.signum == signal.SIGINT else EXIT_OK
+
+
+def stop_event_on_signals() -> StopEvent:
     """An event set by SIGTERM or SIGINT, for long-running commands."""
-    stop = threading.Event()
+    stop = StopEvent()
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.signum is None:
+            stop.signum = signum
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return stop
+
+
+def on_sighup(action: Callable[[], Any], what: str) -> None:
+    """Run `action` at each SIGHUP, in a thread of its own (the handler only wakes it: a signal
+    handler must not block or log). SIGHUPs that come while it runs make it run once more."""
+    wake = threading.Event()
+
+    def loop() -> None:
+        while True:
+            wake.wait()
+            wake.clear()
+            log.info("SIGHUP: %s", what)
+            try:
+                action()
+            except Exception as exc:
+                log.warning("%s after SIGHUP failed: %s", what, exc)
+
+    threading.Thread(target=loop, name=f"sighup-{what}", daemon=True).start()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        wake.set()
+
+    signal.signal(signal.SIGHUP, handler)
 
 
 # --------------------------------------------------------------------------------- JSON values

@@ -35,6 +35,7 @@ class WireCode(enum.StrEnum):
     INTERNAL = "internal"  # the server failed; the request may be retried
     BUSY = "busy"  # a transient condition (a manifest being rebuilt, no file descriptor free): retry
     NAME_TAKEN = "name_taken"  # another live peer registered this name from another connection
+    FORBIDDEN = "forbidden"  # authenticated mode: the sender's key may not do this (another's name)
 
 
 class ZswarmError(Exception):

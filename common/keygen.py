@@ -1,6 +1,7 @@
 """zswarm-keygen: make a CURVE key pair for a broker or a peer.
 
-    python -m common.keygen NAME [--dir DIR]
+    zswarm-keygen NAME [--dir DIR]            (installed with the project)
+    python -m common.keygen NAME [--dir DIR]  (the same, from a checkout)
 
 writes DIR/NAME.key (public, 0644: hand it to the servers that should accept this node, into their
 allow-list folder) and DIR/NAME.key_secret (secret, 0600: stays with the node), refusing to overwrite

@@ -25,6 +25,8 @@ DIGEST_SIZE = 32
 _READ_CHUNK = 64 * SEGMENT_SIZE  # 1 MiB reads when hashing whole files
 
 _NAME_PART = re.compile(r"^[^\x00-\x1f/\\]+$")
+# Bidirectional controls make a name display as another (file\u202eexe.txt shows as filetxt.exe).
+BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 MAX_NAME_BYTES = 1024
 
 
@@ -45,16 +47,22 @@ def check_name(name: str) -> str | None:
     if not name:
         return "empty name"
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        return f"name longer than {MAX_NAME_BYTES} bytes"
+        return f"longer than {MAX_NAME_BYTES} bytes in UTF-8"
     if name.startswith("/"):
-        return "absolute name"
+        return "absolute paths are not allowed"
+    if BIDI_CONTROLS.search(name):
+        return "bidirectional control characters (such as U+202E) are not allowed"
     for part in name.split("/"):
-        if part in ("", ".", ".."):
-            return f"bad path component {part!r}"
+        if part == "":
+            return "empty path components ('a//b', a trailing '/') are not allowed"
+        if part in (".", ".."):
+            return f"{part!r} is not allowed as a path component"
         if not _NAME_PART.fullmatch(part):
-            return "control character or backslash in name"
+            if "\\" in part:
+                return "backslashes are not allowed (the separator is '/')"
+            return "control characters are not allowed"
         if part.startswith(".zswarm"):
-            return "reserved name"
+            return "names starting with '.zswarm' are reserved"
     return None
 
 

@@ -7,6 +7,11 @@ fails, everything already started is stopped and the error is raised. `close()` 
 it lets the subclass say goodbye (a peer's `bye`), stops the services in reverse order with a
 bound on each join, and ends the context with a bound too, so that closing never hangs however a
 thread misbehaved. `with Node(...) as n:` does both.
+
+At start a node raises its file-descriptor soft limit to the hard limit: every connection, lane
+and open file takes one, and a node that runs out answers `busy` (never dropping content) but
+serves nobody meanwhile. In authenticated mode (`make_security`) the node's ZAP handler starts
+before any service, so that no server socket is ever bound without it.
 """
 
 from __future__ import annotations
@@ -18,11 +23,27 @@ from typing import Protocol, Self
 
 from common.errors import ClosedError
 from common.metrics import Metrics
-from common.transport import Transport
+from common.transport import Transport, TransportSecurity, security_from_config
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 5.0
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit; returns (soft, hard) after."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return (-1, -1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    return soft, hard
 
 
 class Service(Protocol):
@@ -48,6 +69,12 @@ class Node:
     def prepare(self) -> None:
         """Work before any socket exists (scanning files, taking a lock). May raise."""
 
+    def make_security(self) -> TransportSecurity | None:
+        """The node's CURVE keys and allow-list (None: plain NULL mechanism), from the fields of
+        its `config` if it has one: `secret_key_file`, `allow_dir`, `broker_public_key_file`.
+        May raise ConfigError."""
+        return security_from_config(getattr(self, "config", None))
+
     def make_services(self, transport: Transport) -> list[Service]:
         """The services to start, in order (each is started before the next is made)."""
         raise NotImplementedError
@@ -71,8 +98,10 @@ class Node:
                 return self
             self._started = True
         try:
+            fd_limit, _ = raise_fd_limit()
             self.prepare()
-            self.transport = Transport(self.node_name)
+            self.transport = Transport(self.node_name, self.make_security())
+            self.transport.start(fd_limit)
             for service in self.make_services(self.transport):
                 self._services.append(service)
                 service.start()

@@ -14,6 +14,13 @@ refuses duplicate keys and ext types, checks the key set exactly, and checks eve
 else, so that a shell can count it, log it and carry on. `encode` runs the same checks on the way
 out, so a bug here is caught by the sender, not by the peer at the other end.
 
+Tracker requests come from anyone who can reach the port, and msgpack builds ~70 bytes of Python
+objects per byte of a frame of nested empty lists. So `decode_request` bounds a request's frame
+by its op (REQUEST_MAX_BYTES) before decoding its fields, and reads a frame over
+STREAM_DECODE_BYTES field by field (`_Reader`, each Field's `stream`): a list's length is checked
+before its items are read, and nothing is built that the schema would refuse. A `register` or a
+`have` of the most the protocol allows (65,536 runs) decodes in ~40 ms.
+
 docs/PROTOCOL.md is the normative description; this module must agree with it.
 """
 
@@ -38,13 +45,36 @@ MAX_SEGMENTS = 1 << 26  # 1 TiB files
 MAX_FILE_SIZE = MAX_SEGMENTS * SEGMENT_SIZE
 MAX_RUN_SEGMENTS = 1024  # 16 MiB in one data reply
 MAX_RUNS = 1 << 20
+MAX_REQUEST_RUNS = 1 << 16  # runs in one tracker request: have, lost, bad_source; register in total
+MAX_HOLDINGS = 1 << 16  # holdings in one register
 MAX_RID = (1 << 32) - 1
 MAX_SESSION = (1 << 64) - 1
+MAX_SEQ = (1 << 64) - 1
+TOKEN_SIZE = 16  # the secret a registration returns; heartbeats carry it
+KEY_SIZE = 32  # a CURVE public key, raw
+MAX_RECHECK = 64  # file ids one pong may ask to be re-verified and announced again
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024 * 1024  # a 2 TiB manifest's digests would not fit: fine
 MAX_NAME_LEN = 64
 MAX_ERROR_MESSAGE = 1000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENDPOINT_PATTERN = re.compile(r"^tcp://[A-Za-z0-9.\-:\[\]]{1,255}:[0-9]{1,5}$")
+
+# Tracker requests: the largest frame each op may have, checked before its fields are decoded (a
+# frame of nested empty lists decodes to ~70 times its size in Python objects). `have`, `lost` and
+# `bad_source` fit MAX_REQUEST_RUNS runs of the widest encoding (11 bytes each); a `register` must
+# fit REGISTER_MAX_BYTES, whatever it holds: a peer announces what does not fit with `have`.
+REGISTER_MAX_BYTES = 1024 * 1024
+RUNS_REQUEST_MAX_BYTES = 768 * 1024
+REQUEST_MAX_BYTES: dict[str, int] = {
+    "register": REGISTER_MAX_BYTES,
+    "have": RUNS_REQUEST_MAX_BYTES,
+    "lost": RUNS_REQUEST_MAX_BYTES,
+    "bad_source": RUNS_REQUEST_MAX_BYTES,
+    "get": 8 * 1024,
+}
+SMALL_REQUEST_MAX_BYTES = 1024  # list, stats, ping, bye
+MAX_REQUEST_BYTES = max(REQUEST_MAX_BYTES.values())  # the tracker socket's frame limit
+STREAM_DECODE_BYTES = 4096  # request frames above this are decoded field by field (no bombs)
 
 T = TypeVar("T")
 
@@ -52,14 +82,86 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------- field validators
 
 
+_CONTAINER_BYTES = frozenset([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
+_EXT_BYTES = frozenset([0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8])
+_ARRAY_BYTES = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
+_MAP_BYTES = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
+
+
+class _Reader:
+    """Reads one msgpack frame object by object, so that a field is checked before the next one
+    is decoded and no list or map is built before its length is known to be allowed: a request
+    frame full of nested empty lists costs nothing but the time to find the first wrong byte."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.u = msgpack.Unpacker(
+            raw=False,
+            max_buffer_size=max(len(data), 1),
+            max_str_len=4 * 1024,  # a file name: 1024 characters of up to 4 bytes
+            max_bin_len=KEY_SIZE,  # the longest bin of any request
+            max_array_len=0,  # arrays are read through array(), never unpacked whole
+            max_map_len=0,
+            max_ext_len=0,
+            strict_map_key=True,
+            ext_hook=_refuse_ext,
+        )
+        self.u.feed(data)
+
+    def peek(self) -> int:
+        pos: int = self.u.tell()
+        if pos >= len(self.data):
+            raise MalformedMessage("truncated message")
+        return self.data[pos]
+
+    def scalar(self, where: str) -> Any:
+        first = self.peek()
+        if first in _CONTAINER_BYTES:
+            raise _fail(where, "expected a single value, got a list or a map")
+        if first in _EXT_BYTES:
+            raise _fail(where, "msgpack ext types are not allowed")
+        return self.u.unpack()
+
+    def array(self, where: str, max_items: int) -> int:
+        if self.peek() not in _ARRAY_BYTES:
+            raise _fail(where, "expected a list")
+        n: int = self.u.read_array_header()
+        if n > max_items:
+            raise _fail(where, f"more than {max_items} items")
+        return n
+
+    def map(self, where: str) -> int:
+        if self.peek() not in _MAP_BYTES:
+            raise _fail(where, "expected a map")
+        n: int = self.u.read_map_header()
+        return n
+
+    def key(self, where: str) -> str:
+        key = self.scalar(where)
+        if type(key) is not str:
+            raise _fail(where, "map key is not a string")
+        return key
+
+    def skip(self) -> None:
+        self.u.skip()
+
+    def end(self) -> None:
+        if self.u.tell() != len(self.data):
+            raise MalformedMessage("trailing bytes after the message")
+
+
 class Field(Generic[T]):
-    """Checks one decoded value and converts it to its Python form; `dump` goes the other way."""
+    """Checks one decoded value and converts it to its Python form; `dump` goes the other way.
+    `stream` reads and checks the value from a `_Reader` (large tracker requests)."""
 
     def load(self, value: Any, where: str) -> T:
         raise NotImplementedError
 
     def dump(self, value: T) -> Any:
         return value
+
+    def stream(self, r: _Reader, where: str) -> T:
+        return self.load(r.scalar(where), where)
 
 
 def _fail(where: str, problem: str) -> MalformedMessage:
@@ -162,6 +264,12 @@ class Opt(Field[T | None]):
     def dump(self, value: T | None) -> Any:
         return None if value is None else self.inner.dump(value)
 
+    def stream(self, r: _Reader, where: str) -> T | None:
+        if r.peek() == 0xC0:
+            r.skip()
+            return None
+        return self.inner.stream(r, where)
+
 
 class Runs(Field[tuple[Run, ...]]):
     """A list of [first, count] runs of segment indices, each inside [0, MAX_SEGMENTS)."""
@@ -192,6 +300,24 @@ class Runs(Field[tuple[Run, ...]]):
     def dump(self, value: tuple[Run, ...]) -> Any:
         return [[first, count] for first, count in value]
 
+    def stream(self, r: _Reader, where: str) -> tuple[Run, ...]:
+        n = r.array(where, self.max_runs)
+        out: list[Run] = []
+        read_header, unpack, peek = r.u.read_array_header, r.u.unpack, r.peek
+        for _ in range(n):
+            if peek() not in _ARRAY_BYTES or read_header() != 2 or peek() in _CONTAINER_BYTES:
+                raise _fail(where, "a run is not [first, count]")
+            first = unpack()
+            if peek() in _CONTAINER_BYTES:
+                raise _fail(where, "a run is not [first, count]")
+            count = unpack()
+            if type(first) is not int or type(count) is not int:
+                raise _fail(where, "a run is not [first, count]")
+            if first < 0 or not 1 <= count <= self.max_count or first + count > MAX_SEGMENTS:
+                raise _fail(where, f"run [{first}, {count}] out of range")
+            out.append((first, count))
+        return tuple(out)
+
 
 class ListOf(Field[tuple[T, ...]]):
     def __init__(self, inner: Field[T], max_items: int) -> None:
@@ -213,6 +339,39 @@ class ListOf(Field[tuple[T, ...]]):
 
     def dump(self, value: tuple[T, ...]) -> Any:
         return [self.inner.dump(v) for v in value]
+
+    def stream(self, r: _Reader, where: str) -> tuple[T, ...]:
+        n = r.array(where, self.max_items)
+        return tuple([self.inner.stream(r, f"{where}[{i}]") for i in range(n)])
+
+
+class HoldingsField(ListOf[T]):
+    """A register's holdings: besides the item count, the runs of all of them together are
+    bounded (MAX_REQUEST_RUNS), so that one register is cheap to decode and to apply."""
+
+    def __init__(self, inner: Field[T], max_items: int, max_runs: int) -> None:
+        super().__init__(inner, max_items)
+        self.max_runs = max_runs
+
+    def _check_runs(self, items: tuple[T, ...], where: str) -> tuple[T, ...]:
+        if sum(len(getattr(item, "runs", ())) for item in items) > self.max_runs:
+            raise _fail(where, f"more than {self.max_runs} runs in all")
+        return items
+
+    def load(self, value: Any, where: str) -> tuple[T, ...]:
+        return self._check_runs(super().load(value, where), where)
+
+    def stream(self, r: _Reader, where: str) -> tuple[T, ...]:
+        n = r.array(where, self.max_items)
+        out: list[T] = []
+        total = 0
+        for i in range(n):
+            item = self.inner.stream(r, f"{where}[{i}]")
+            total += len(getattr(item, "runs", ()))
+            if total > self.max_runs:
+                raise _fail(where, f"more than {self.max_runs} runs in all")
+            out.append(item)
+        return tuple(out)
 
 
 class Tuple3(Field[tuple[int, int, int]]):
@@ -243,6 +402,9 @@ class Struct(Field[T]):
 
     def dump(self, value: T) -> Any:
         return _dump_fields(value)
+
+    def stream(self, r: _Reader, where: str) -> T:
+        return _stream_fields(self.cls, r, where)
 
 
 _SCALAR = (int, float, str, bytes, bool, type(None))
@@ -290,6 +452,31 @@ def _load_fields(cls: type[T], value: Any, where: str, header: bool = False) -> 
     return cls(**kwargs)
 
 
+def _stream_fields(cls: type[T], r: _Reader, where: str, header: bool = False) -> T:
+    """`_load_fields` for a map read from a `_Reader`: the same checks, field by field."""
+    schema: dict[str, Field[Any]] = cls.SCHEMA  # type: ignore[attr-defined]
+    n = r.map(where)
+    if n != len(schema) + header:
+        raise _fail(where, f"expected {len(schema) + header} keys, got {n}")
+    kwargs: dict[str, Any] = {}
+    seen_op = False
+    for _ in range(n):
+        key = r.key(where)
+        if header and key == "op" and not seen_op:
+            seen_op = True
+            r.skip()  # checked by the caller's first pass
+            continue
+        if key in kwargs or key == "op":
+            raise MalformedMessage("duplicate key in map")
+        field = schema.get(key)
+        if field is None:
+            raise _fail(where, f"unknown keys {[key[:40]]}")
+        kwargs[key] = field.stream(r, f"{where}.{key}")
+    if kwargs.keys() != schema.keys():
+        raise _fail(where, f"missing keys {sorted(schema.keys() - kwargs.keys())}")
+    return cls(**kwargs)
+
+
 def _dump_fields(obj: Any) -> dict[str, Any]:
     schema: dict[str, Field[Any]] = obj.SCHEMA
     return {name: field.dump(getattr(obj, name)) for name, field in schema.items()}
@@ -318,6 +505,9 @@ ENDPOINT = Str(300, ENDPOINT_PATTERN, check=_check_endpoint)
 SEGMENT_INDEX = UInt(MAX_SEGMENTS - 1)
 RUN_COUNT = UInt(MAX_RUN_SEGMENTS, minimum=1)
 RUNS = Runs()
+REQUEST_RUNS = Runs(MAX_REQUEST_RUNS)
+TOKEN = Bin(exact=TOKEN_SIZE)
+PUBLIC_KEY = Bin(exact=KEY_SIZE)
 
 
 # --------------------------------------------------------------------------- nested records
@@ -329,7 +519,7 @@ class Holding:
 
     file_id: bytes
     runs: tuple[Run, ...]
-    SCHEMA: ClassVar[dict[str, Field[Any]]] = {"file_id": FILE_ID, "runs": RUNS}
+    SCHEMA: ClassVar[dict[str, Field[Any]]] = {"file_id": FILE_ID, "runs": REQUEST_RUNS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,10 +529,14 @@ class Source:
     name: str
     endpoint: str
     runs: tuple[Run, ...] | None
+    # Its CURVE public key (raw 32 bytes) when the swarm runs authenticated: a downloader connects
+    # to `endpoint` as a CURVE client of this key, so it talks to that source and nobody else.
+    public_key: bytes | None = None
     SCHEMA: ClassVar[dict[str, Field[Any]]] = {
         "name": SOURCE_NAME,
         "endpoint": ENDPOINT,
         "runs": Opt(RUNS),
+        "public_key": Opt(PUBLIC_KEY),
     }
 
 
@@ -382,7 +576,7 @@ class Register(Message):
         "rid": RID,
         "name": PEER_NAME,
         "endpoint": ENDPOINT,
-        "holdings": ListOf(Struct(Holding), 1 << 20),
+        "holdings": HoldingsField(Struct(Holding), MAX_HOLDINGS, MAX_REQUEST_RUNS),
         "proto": UInt(255),
     }
 
@@ -402,7 +596,7 @@ class Have(Message):
     file_id: bytes
     runs: tuple[Run, ...]
     OP = "have"
-    SCHEMA = {"rid": RID, "file_id": FILE_ID, "runs": RUNS}
+    SCHEMA = {"rid": RID, "file_id": FILE_ID, "runs": REQUEST_RUNS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,7 +605,7 @@ class Lost(Message):
     file_id: bytes
     runs: tuple[Run, ...]
     OP = "lost"
-    SCHEMA = {"rid": RID, "file_id": FILE_ID, "runs": RUNS}
+    SCHEMA = {"rid": RID, "file_id": FILE_ID, "runs": REQUEST_RUNS}
 
 
 class BadSourceReason(enum.StrEnum):
@@ -442,7 +636,7 @@ class BadSource(Message):
         "rid": RID,
         "file_id": FILE_ID,
         "source": SOURCE_NAME,
-        "runs": RUNS,
+        "runs": REQUEST_RUNS,
         "reason": Choice(BadSourceReason),
     }
 
@@ -485,6 +679,7 @@ class Registered(Message):
     heartbeat_endpoint: str
     heartbeat_interval_s: float
     heartbeat_liveness: int
+    token: bytes  # secret of this registration: every heartbeat must carry it
     OP = "registered"
     SCHEMA = {
         "rid": RID,
@@ -492,6 +687,7 @@ class Registered(Message):
         "heartbeat_endpoint": ENDPOINT,
         "heartbeat_interval_s": Float(0.01, 3600.0),
         "heartbeat_liveness": UInt(100, minimum=1),
+        "token": TOKEN,
     }
 
 
@@ -543,8 +739,16 @@ class Pong(Message):
     rid: int
     session: int
     known: bool  # False: the broker does not know this peer (it restarted): register again
+    # Files of which this peer was reported to refuse segments it had announced: it re-verifies
+    # what it holds of them and announces that again (`have`), so a refusal is never a loss.
+    recheck: tuple[bytes, ...] = ()
     OP = "pong"
-    SCHEMA = {"rid": RID, "session": UInt(MAX_SESSION), "known": Bool()}
+    SCHEMA = {
+        "rid": RID,
+        "session": UInt(MAX_SESSION),
+        "known": Bool(),
+        "recheck": ListOf(FILE_ID, MAX_RECHECK),
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -573,9 +777,11 @@ class Error(Message):
 @dataclass(frozen=True, slots=True)
 class Heartbeat(Message):
     name: str
+    token: bytes  # the `token` of this peer's `registered`
+    seq: int  # grows with every heartbeat of the session: a replayed one is refused
     up_bps: int = 0  # the peer's highest upload rate over its last seconds (bytes/s; 0: none)
     OP = "hb"
-    SCHEMA = {"name": PEER_NAME, "up_bps": UInt((1 << 48) - 1)}
+    SCHEMA = {"name": PEER_NAME, "token": TOKEN, "seq": UInt(MAX_SEQ), "up_bps": UInt((1 << 48) - 1)}
 
 
 # Segment transfer: downloader REQ -> server (REQ/REP envelope on a ROUTER).
@@ -715,13 +921,74 @@ def decode(
     return msg
 
 
+def _request_op(head: bytes) -> tuple[str | None, int]:
+    """A first pass over a large request: its op and rid, skipping every other value undecoded."""
+    r = _Reader(head)
+    n = r.map("header")
+    op: str | None = None
+    rid = 0
+    for _ in range(n):
+        key = r.key("header")
+        if key in ("op", "rid") and r.peek() not in _CONTAINER_BYTES:
+            value = r.scalar(f"header.{key}")
+            if key == "op" and type(value) is str:
+                op = value
+            elif key == "rid" and type(value) is int and 0 <= value <= MAX_RID:
+                rid = value
+        else:
+            r.skip()
+    return op, rid
+
+
+def request_limit(op: str) -> int:
+    """The largest frame a tracker request of this op may have (bytes)."""
+    return REQUEST_MAX_BYTES.get(op, SMALL_REQUEST_MAX_BYTES)
+
+
+def decode_request(frames: Sequence[bytes | memoryview | Any], max_bytes: int = MAX_REQUEST_BYTES) -> Message:
+    """Decode a tracker request, bounding its size by op *before* its fields are decoded.
+
+    A frame over STREAM_DECODE_BYTES is read twice with a `_Reader`: first for its op (every other
+    value skipped undecoded), then field by field against that op's schema, so that nothing is
+    built that the schema would refuse. Small frames take `decode`, which checks the same."""
+    if not frames:
+        raise MalformedMessage("no frames")
+    head = frames[0]
+    head_bytes = head.bytes if hasattr(head, "bytes") else bytes(head)
+    size = len(head_bytes)
+    if size > max_bytes:
+        raise MalformedMessage(f"header of {size} bytes exceeds {max_bytes}")
+    if size <= STREAM_DECODE_BYTES:
+        msg = decode(frames, max_bytes, allowed=TRACKER_REQUESTS)
+        if size > request_limit(msg.OP):
+            raise MalformedMessage(f"{msg.OP}: {size} bytes exceeds the {request_limit(msg.OP)} allowed")
+        return msg
+    try:
+        op, _ = _request_op(head_bytes)
+        cls = MESSAGES.get(op) if op is not None else None
+        if cls is None or cls not in TRACKER_REQUESTS:
+            raise MalformedMessage(f"unknown op {str(op)[:40]!r}")
+        if size > request_limit(cls.OP):
+            raise MalformedMessage(f"{cls.OP}: {size} bytes exceeds the {request_limit(cls.OP)} allowed")
+        if len(frames) != 1:
+            raise MalformedMessage(f"{cls.OP}: expected 1 frames, got {len(frames)}")
+        reader = _Reader(head_bytes)
+        msg = _stream_fields(cls, reader, "header", header=True)
+        reader.end()
+        return msg
+    except MalformedMessage:
+        raise
+    except Exception as exc:  # msgpack raises a zoo of types on bad input: one error for all
+        raise MalformedMessage(f"header is not valid msgpack: {type(exc).__name__}") from None
+
+
 def rid_of(frames: Sequence[bytes | memoryview | Any]) -> int:
     """Best-effort request id of an undecodable request, so its error reply can be matched."""
     try:
         head = frames[0]
         head_bytes = head.bytes if hasattr(head, "bytes") else bytes(head)
         if len(head_bytes) > 65536:
-            return 0
+            return _request_op(head_bytes)[1] if len(head_bytes) <= MAX_REQUEST_BYTES else 0
         value = msgpack.unpackb(head_bytes, raw=False)
         rid = value.get("rid") if type(value) is dict else None
         return rid if type(rid) is int and 0 <= rid <= MAX_RID else 0

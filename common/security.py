@@ -131,7 +131,7 @@ def _read_key_file(path: Path, secret: bool) -> tuple[bytes | None, bytes | None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        hint = " (make one with: python -m common.keygen NAME --dir DIR)" if secret else ""
+        hint = " (make one with: zswarm-keygen NAME --dir DIR)" if secret else ""
         raise ConfigError(f"{path}: no such key file{hint}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot open key file: {exc.strerror}") from None
@@ -313,6 +313,7 @@ class AllowList:
         self._lock = threading.Lock()
         self._files: dict[str, _FileState] = {}
         self._keys: frozenset[bytes] = frozenset()
+        self._names: dict[bytes, str | None] = {}  # key -> NAME of its NAME.key (None: ambiguous)
         self._next_check = 0.0
         self._folder_errors = RateLimitedLog(log, interval_s=10.0)
         self.reloads = 0  # times the key set changed
@@ -336,6 +337,18 @@ class AllowList:
         with self._lock:
             return self._keys
 
+    def name_of(self, key: str | bytes) -> str | None:
+        """The NAME of the allow-list file NAME.key holding this key (raw or Z85): the one name a
+        peer with this key may use. None for a key not listed, or listed under several names."""
+        try:
+            wanted = z85_key(key)
+        except ValueError:
+            return None
+        with self._lock:
+            if self._clock() >= self._next_check:
+                self._reload_locked()
+            return self._names.get(wanted)
+
     def __len__(self) -> int:
         return len(self.keys())
 
@@ -353,6 +366,7 @@ class AllowList:
                 "allow-list %s cannot be read (%s): accepting no key until it can", self.directory, exc
             )
             self._files = {}
+            self._names = {}
             self._set_keys(frozenset())
             return
         files: dict[str, _FileState] = {}
@@ -373,6 +387,13 @@ class AllowList:
                 continue
             files[name] = _FileState(signature, self._read(Path(entry.path)))
         self._files = files
+        names: dict[bytes, str | None] = {}
+        for file_name, state in sorted(files.items()):
+            if state.key is None or not file_name.endswith(PUBLIC_SUFFIX):
+                continue
+            name = file_name[: -len(PUBLIC_SUFFIX)]
+            names[state.key] = name if state.key not in names else None
+        self._names = names
         self._set_keys(frozenset(state.key for state in files.values() if state.key is not None))
 
     def _read(self, path: Path) -> bytes | None:

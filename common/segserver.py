@@ -6,6 +6,30 @@ others. A request names a run of consecutive segments; the reply carries every s
 that the server holds *and has just verified*, concatenated in one payload frame, and lists the
 rest as `missing`. Verification before serving is what keeps a damaged disk from spreading: the
 reader (the broker's catalog or a peer's store) hashes every slice it sends.
+
+Clients and their bounds
+------------------------
+Requests come from *clients*: the CURVE key of the connection in authenticated mode, else the
+connection's IP address (ZeroMQ's Peer-Address), so that many connections from one host are one
+client. What a client can make this server hold is bounded, in bytes and in requests:
+
+- *Reply bytes.* A reply of 64 KiB or more is handed to libzmq without a copy and tracked until
+  libzmq has written it out (`ReplyBudget`); a client's tracked bytes stay under CLIENT_REPLY_BYTES
+  and everyone's under TOTAL_REPLY_BYTES, and a client has at most CLIENT_WINDOW replies in
+  libzmq at once. libzmq's high-water mark counts messages (64 x 16 MiB would be 1 GiB per
+  connection): these bound bytes, whatever the number of connections.
+- *Waiting requests.* A request that cannot be served at once (its client is at its bounds, the
+  upload limiter's link is busy, or a relay parent is still fetching the segments) waits as a
+  request, a few hundred bytes, never as a reply: segments are read and verified when the reply
+  can go. At most CLIENT_WAITING per client and MAX_WAITING in all; beyond that the answer is an
+  `error` `busy` at once (retry later or elsewhere; nobody is blamed).
+- *Fair share.* Waiting requests are served round-robin over clients, so eight lanes from one
+  client get the same share of the upload as one lane from another (with an upload limit, the
+  link is shared exactly; without one, the per-client window keeps a greedy client from filling
+  libzmq's queues ahead of the others).
+
+A client that never reads its replies thus holds at most CLIENT_REPLY_BYTES of this process's
+memory, and gets `busy` for the rest.
 """
 
 from __future__ import annotations
@@ -21,11 +45,12 @@ import zmq
 
 from common import protocol
 from common.errors import MalformedMessage, WireCode
+from common.manifest import SEGMENT_SIZE
 from common.metrics import Metrics, Snapshot
 from common.protocol import Error, SegmentData, SegmentRequest
 from common.ranges import Run
 from common.service import RateLimitedLog, ServiceThread
-from common.transport import Transport
+from common.transport import ReplyBudget, Transport, client_identity
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +59,15 @@ MAX_REQUEST_FRAME = 4096  # a segment request header is ~60 bytes
 # long for them, then is answered with what is there and `later` for the rest: well inside the
 # downloader's shortest timeout (request_timeout_s, 2 s by default).
 PARK_MAX_S = 1.0
-MAX_PARKED = 4096  # requests waiting at once, all clients together (a few hundred bytes each)
+MAX_PARKED = 4096  # kept for compatibility: parked requests count as waiting (MAX_WAITING)
+MAX_WAITING = 4096  # requests waiting at once (parked or queued), all clients together
+CLIENT_WAITING = 64  # ... per client
+CLIENT_REPLY_BYTES = 32 * 1024 * 1024  # reply bytes in libzmq's queues per client
+TOTAL_REPLY_BYTES = 256 * 1024 * 1024  # ... all clients together
+CLIENT_WINDOW = 4  # replies in libzmq's queues per client
+BUDGET_POLL_S = 0.002  # while a client waits for its replies to drain, look this often
+QUEUE_MAX_S = 10.0  # a request waiting longer is answered busy (its downloader gave up long ago)
+SNDHWM = 16  # messages per connection: bytes are bounded by the budget, not by this
 _BATCH = 64  # requests handled per wake-up before polling again
 
 
@@ -59,10 +92,12 @@ class SegmentReader(Protocol):
 
 
 @dataclass
-class _Parked:
+class _Waiting:
+    client: str
     envelope: list[bytes]
     request: SegmentRequest
-    deadline: float
+    deadline: float  # parked: answer by then with what is there
+    arrived: float = 0.0
 
 
 class SegmentServer(ServiceThread):
@@ -80,11 +115,11 @@ class SegmentServer(ServiceThread):
         self.transport = transport
         self.reader = reader
         self.host, self.port, self.port_key = host, port, port_key
-        # Upload cap (0: none). Replies wait in `_delayed` until the capped link would be free,
-        # like a slow uplink; requests keep being read meanwhile.
+        # Upload cap (0: none). Requests wait until the capped link would be free, like a slow
+        # uplink, served round-robin over clients; requests keep being read meanwhile.
         self.upload_limit_bytes_s = upload_limit_bytes_s
         self._link_free_at = 0.0
-        self._delayed: deque[tuple[float, list[Any]]] = deque()
+        self.budget = ReplyBudget(CLIENT_REPLY_BYTES, TOTAL_REPLY_BYTES, CLIENT_WINDOW)
         # Owned by this thread; others read `published`, a snapshot refreshed after each batch.
         self.metrics = Metrics()
         self._requests = self.metrics.counter("served_requests_total", "segment requests answered")
@@ -92,16 +127,30 @@ class SegmentServer(ServiceThread):
         self._bytes = self.metrics.counter("served_bytes_total", "payload bytes served")
         self._refused = self.metrics.counter("refused_requests_total", "requests answered with an error")
         self._malformed = self.metrics.counter("malformed_requests_total", "undecodable segment requests")
+        self._busy = self.metrics.counter(
+            "busy_requests_total", "requests answered busy: their client was at its bounds"
+        )
         self._parked_gauge = self.metrics.gauge(
             "parked_requests", "requests waiting for segments being fetched"
+        )
+        self._waiting_gauge = self.metrics.gauge(
+            "waiting_requests", "requests waiting for the link or for their client's replies to drain"
+        )
+        self._outstanding_gauge = self.metrics.gauge(
+            "outstanding_reply_bytes", "reply bytes handed to libzmq and not yet written out"
         )
         self._later = self.metrics.counter(
             "later_segments_total", "segments answered `later` (still being fetched)"
         )
         self.published: Snapshot = self.metrics.snapshot()
         self._dirty = False
-        self._parked: dict[bytes, list[_Parked]] = {}
+        self._parked: dict[bytes, list[_Waiting]] = {}
         self._parked_count = 0
+        # Requests waiting to be served, per client, and the clients with any, in serving order.
+        self._queues: dict[str, deque[_Waiting]] = {}
+        self._turn: deque[str] = deque()
+        self._queued_count = 0
+        self._per_client: dict[str, int] = {}  # waiting requests (queued and parked) per client
         self._held_changed: set[bytes] = set()
         self._held_lock = threading.Lock()
         self._bad_log = RateLimitedLog(log)
@@ -115,7 +164,7 @@ class SegmentServer(ServiceThread):
             self.port_key,
             maxmsgsize=MAX_REQUEST_FRAME,
             router_mandatory=1,
-            sndhwm=64,
+            sndhwm=SNDHWM,
             rcvhwm=1024,
         )
         self._sock = sock
@@ -134,9 +183,17 @@ class SegmentServer(ServiceThread):
             self._held_changed.add(file_id)
         self.wakeup.wake()
 
+    # ---- the loop
+
     def next_timeout_ms(self, now: float) -> int:
-        deadlines = [self._delayed[0][0]] if self._delayed else []
-        deadlines += [p.deadline for parked in self._parked.values() for p in parked[:1]]
+        deadlines = [p.deadline for parked in self._parked.values() for p in parked[:1]]
+        if self._queued_count:
+            if self.upload_limit_bytes_s > 0 and self._link_free_at > now:
+                deadlines.append(self._link_free_at)
+            else:
+                deadlines.append(now + BUDGET_POLL_S)  # waiting for replies to drain
+        if self.budget.tracked:
+            deadlines.append(now + 0.1)  # drained replies free their client's budget
         if deadlines:
             return max(0, min(1000, int((min(deadlines) - now) * 1000) + 1))
         return 1000
@@ -147,23 +204,28 @@ class SegmentServer(ServiceThread):
         if sock is None:
             return
         now = time.monotonic()
-        if self._delayed:
-            self._send_due(sock, now)
         if self._parked:
             self._release_parked(sock, now)
+        if self._queued_count:
+            self._pump(sock, now)
         if sock in events:
             for _ in range(_BATCH):
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
                 self._handle(sock, frames)
+        if self.budget.tracked:
+            self.budget.prune_all()
+            self._outstanding_gauge.set(self.budget.total)
+            self._dirty = True
         if self._dirty:
             self._dirty = False
+            self._waiting_gauge.set(self._queued_count)
             self.published = self.metrics.snapshot()
 
     def _release_parked(self, sock: zmq.Socket[Any], now: float) -> None:
-        """Answer parked requests whose segments arrived, or whose time is up."""
+        """Parked requests whose segments arrived, or whose time is up, are queued to be served."""
         with self._held_lock:
             changed, self._held_changed = self._held_changed, set()
         for file_id in list(self._parked):
@@ -179,53 +241,141 @@ class SegmentServer(ServiceThread):
             for p in ready:
                 parked.remove(p)
                 self._parked_count -= 1
-                reply = self._serve(p.request, may_park=False)
-                assert reply is not None  # may_park=False: always an answer
-                self._send(sock, p.envelope, reply)
+                self._enqueue(p, fresh=False)  # served as it is then: never parked again
             if not parked:
                 del self._parked[file_id]
             self._parked_gauge.set(self._parked_count)
             self._dirty = True
+        if self._queued_count:
+            self._pump(sock, now)
 
-    def _handle(self, sock: zmq.Socket[Any], frames: list[bytes]) -> None:
+    def _handle(self, sock: zmq.Socket[Any], frames: list[zmq.Frame]) -> None:
         # REQ envelope: [routing id, empty delimiter, request frames...]
         self._dirty = True
-        if len(frames) < 3 or frames[1] != b"":
+        if len(frames) < 3 or frames[1].bytes != b"":
             self._malformed.inc()
             return  # not a REQ peer: nothing we can answer
-        envelope = frames[:2]
+        envelope = [frames[0].bytes, b""]
         try:
             request = cast(
                 SegmentRequest, protocol.decode(frames[2:], MAX_REQUEST_FRAME, allowed=(SegmentRequest,))
             )
-            reply = self._serve(request, may_park=True, envelope=envelope)
         except MalformedMessage as exc:
             self._malformed.inc()
             self._bad_log.warning("%s: malformed segment request: %s", self.name, exc)
-            reply = Error(0, WireCode.MALFORMED, str(exc))
-        if reply is not None:
-            self._send(sock, envelope, reply)
+            self._send(sock, "", envelope, Error(0, WireCode.MALFORMED, str(exc)))
+            return
+        client = client_identity(frames[0], self.transport.secure)
+        waiting = self._per_client.get(client, 0)
+        if waiting >= CLIENT_WAITING or self._queued_count + self._parked_count >= MAX_WAITING:
+            self._busy.inc()
+            self._refused.inc()
+            self._send(sock, client, envelope, Error(0, WireCode.BUSY, "too many requests waiting; retry"))
+            return
+        item = _Waiting(client, envelope, request, 0.0, time.monotonic())
+        if self._may_park(request):
+            item.deadline = time.monotonic() + PARK_MAX_S
+            self._parked.setdefault(request.file_id, []).append(item)
+            self._parked_count += 1
+            self._per_client[client] = waiting + 1
+            self._parked_gauge.set(self._parked_count)
+            return
+        now = time.monotonic()
+        if not waiting and self._may_serve(client, request, now):
+            self._serve_and_send(sock, item, now, counted=False)
+            return
+        self._enqueue(item, fresh=True)
 
-    def _serve(
-        self, request: SegmentRequest, may_park: bool, envelope: list[bytes] | None = None
-    ) -> SegmentData | Error | None:
-        """The reply to a request, or None when it was parked (a relay parent still fetching
-        the segments holds the request until they arrive or PARK_MAX_S passes)."""
+    def _may_park(self, request: SegmentRequest) -> bool:
+        file_id = request.file_id
+        return self.reader.fetching(file_id) and not self.reader.holds(file_id, request.first, request.count)
+
+    def _enqueue(self, item: _Waiting, fresh: bool) -> None:
+        """Queue a request to be served in its client's turn; `fresh`: not counted yet (a
+        parked request was counted when it was parked)."""
+        queue = self._queues.get(item.client)
+        if queue is None:
+            queue = self._queues[item.client] = deque()
+            self._turn.append(item.client)
+        queue.append(item)
+        self._queued_count += 1
+        if fresh:
+            self._per_client[item.client] = self._per_client.get(item.client, 0) + 1
+
+    def _may_serve(self, client: str, request: SegmentRequest, now: float) -> bool:
+        if self.upload_limit_bytes_s > 0 and self._link_free_at > now:
+            return False
+        return self.budget.allows(client, request.count * SEGMENT_SIZE)
+
+    def _pump(self, sock: zmq.Socket[Any], now: float) -> None:
+        """Serve waiting requests, one per client in turn, while the link and budgets allow."""
+        self._expire_queued(sock, now)
+        blocked = 0
+        while self._turn and blocked < len(self._turn):
+            if self.upload_limit_bytes_s > 0 and self._link_free_at > now:
+                return
+            client = self._turn[0]
+            queue = self._queues[client]
+            item = queue[0]
+            if not self.budget.allows(client, item.request.count * SEGMENT_SIZE):
+                self._turn.rotate(-1)  # this client's replies have not drained yet
+                blocked += 1
+                continue
+            blocked = 0
+            queue.popleft()
+            self._queued_count -= 1
+            self._turn.popleft()
+            if queue:
+                self._turn.append(client)
+            else:
+                del self._queues[client]
+            self._serve_and_send(sock, item, now, counted=True)
+            now = time.monotonic()
+
+    def _expire_queued(self, sock: zmq.Socket[Any], now: float) -> None:
+        """Answer `busy` to requests that waited QUEUE_MAX_S (a client whose replies never drain:
+        it does not read), so that nothing waits for ever."""
+        for client in list(self._turn):
+            queue = self._queues[client]
+            while queue and now - queue[0].arrived > QUEUE_MAX_S:
+                item = queue.popleft()
+                self._queued_count -= 1
+                self._release_count(item.client)
+                self._busy.inc()
+                self._refused.inc()
+                self._send(sock, client, item.envelope, Error(0, WireCode.BUSY, "waited too long; retry"))
+            if not queue:
+                del self._queues[client]
+                self._turn.remove(client)
+
+    def _release_count(self, client: str) -> None:
+        left = self._per_client.get(client, 1) - 1
+        if left > 0:
+            self._per_client[client] = left
+        else:
+            self._per_client.pop(client, None)
+
+    def _serve_and_send(self, sock: zmq.Socket[Any], item: _Waiting, now: float, counted: bool) -> None:
+        if counted:
+            self._release_count(item.client)
+        self._dirty = True
+        # The routing id goes first: if the client is gone (EHOSTUNREACH) or not reading (its
+        # queue is full: EAGAIN), nothing is read from disk for it. Once that frame is queued,
+        # the rest of the message is too (a ROUTER queues whole messages).
+        try:
+            sock.send(item.envelope[0], zmq.SNDMORE | zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self._bad_log.warning("%s: reply dropped before reading: %s", self.name, exc.strerror)
+            return
+        reply = self._serve(item.request)
+        if isinstance(reply, SegmentData) and self.upload_limit_bytes_s > 0:
+            start = max(now, self._link_free_at)
+            self._link_free_at = start + len(reply.payload) / self.upload_limit_bytes_s
+        self._send(sock, item.client, item.envelope[1:], reply)
+
+    def _serve(self, request: SegmentRequest) -> SegmentData | Error:
         file_id = request.file_id
         fetching = self.reader.fetching(file_id)
-        if (
-            may_park
-            and fetching
-            and envelope is not None
-            and self._parked_count < MAX_PARKED
-            and not self.reader.holds(file_id, request.first, request.count)
-        ):
-            self._parked.setdefault(file_id, []).append(
-                _Parked(envelope, request, time.monotonic() + PARK_MAX_S)
-            )
-            self._parked_count += 1
-            self._parked_gauge.set(self._parked_count)
-            return None
         self._requests.inc()
         try:
             found = self.reader.read_run(request.file_id, request.first, request.count)
@@ -234,6 +384,7 @@ class SegmentServer(ServiceThread):
             return Error(0, WireCode.BAD_REQUEST, str(exc))
         except SourceBusy:
             self._refused.inc()
+            self._busy.inc()
             return Error(0, WireCode.BUSY, "busy; retry")
         except Exception:
             log.exception("%s: reading segments failed", self.name)
@@ -255,29 +406,18 @@ class SegmentServer(ServiceThread):
         self._bytes.inc(len(payload))
         return SegmentData(request.file_id, request.first, request.count, missing, later, payload=payload)
 
-    def _send(self, sock: zmq.Socket[Any], envelope: list[bytes], reply: SegmentData | Error) -> None:
+    def _send(
+        self, sock: zmq.Socket[Any], client: str, envelope: list[bytes], reply: SegmentData | Error
+    ) -> None:
         frames: list[Any] = [*envelope, *protocol.encode(reply)]
-        if self.upload_limit_bytes_s > 0 and isinstance(reply, SegmentData):
-            now = time.monotonic()
-            send_at = max(now, self._link_free_at)
-            self._link_free_at = send_at + len(reply.payload) / self.upload_limit_bytes_s
-            if send_at > now or self._delayed:
-                self._delayed.append((send_at, frames))
-                return
-        self._send_frames(sock, frames)
-
-    def _send_due(self, sock: zmq.Socket[Any], now: float) -> None:
-        while self._delayed and self._delayed[0][0] <= now:
-            self._send_frames(sock, self._delayed.popleft()[1])
-
-    def _send_frames(self, sock: zmq.Socket[Any], frames: list[Any]) -> None:
+        size = len(reply.payload) if isinstance(reply, SegmentData) else 0
         try:
-            # copy=True: one memcpy of <= 1 MiB is cheaper than zero-copy's buffer-release thread
-            # (swarm of 8, 256 MiB: 1.89-2.11 CPU-s/GiB copied against 2.29-3.00 zero-copy).
-            sock.send_multipart(frames, zmq.NOBLOCK, copy=True)
+            self.budget.send(sock, frames, client, size)
         except zmq.ZMQError as exc:
             # The downloader went away or is not reading: it will time out and ask elsewhere.
             self._bad_log.warning("%s: reply dropped: %s", self.name, exc.strerror)
+
+    # ---- figures
 
     @property
     def segments_served(self) -> int:
@@ -291,4 +431,7 @@ class SegmentServer(ServiceThread):
             "bytes_served": int(snap.get("served_bytes_total")),
             "refused": int(snap.get("refused_requests_total")),
             "malformed": int(snap.get("malformed_requests_total")),
+            "busy": int(snap.get("busy_requests_total")),
+            "waiting": int(snap.get("waiting_requests")),
+            "outstanding_bytes": int(snap.get("outstanding_reply_bytes")),
         }

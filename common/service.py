@@ -5,10 +5,18 @@ service thread; the returned Future carries its result or exception) and wake it
 that the thread's poller watches next to its sockets. `start()` returns once the thread has bound
 its sockets (and raises what it raised if it could not); `stop()` is idempotent, wakes the thread,
 and joins it. The thread closes its own sockets with linger 0 on the way out.
+
+Memory: what a hostile client made libzmq or this process buffer (a multipart message that never
+ended, replies nobody read) is freed when its connection goes, but glibc keeps freed memory in
+its arenas (libzmq's I/O threads have their own), so the process would stay that big. Every
+service loop calls `trim_memory`, which hands free memory back to the kernel (glibc's
+malloc_trim) at most every TRIM_INTERVAL_S for the whole process.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import queue
@@ -24,6 +32,36 @@ from common.errors import ClosedError, ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+TRIM_INTERVAL_S = 5.0
+_trim_lock = threading.Lock()
+_next_trim = 0.0
+_malloc_trim: Any = None  # glibc's malloc_trim, or False where there is none
+
+
+def trim_memory(now: float, force: bool = False) -> bool:
+    """Give free heap memory back to the kernel, at most every TRIM_INTERVAL_S per process
+    (`force`: now). True when it trimmed. A no-op where the C library has no malloc_trim."""
+    global _next_trim, _malloc_trim
+    if (now < _next_trim and not force) or not _trim_lock.acquire(blocking=False):
+        return False
+    try:
+        if now < _next_trim and not force:
+            return False
+        _next_trim = now + TRIM_INTERVAL_S
+        if _malloc_trim is None:
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                _malloc_trim = libc.malloc_trim
+                _malloc_trim.argtypes = [ctypes.c_size_t]
+            except (OSError, AttributeError):
+                _malloc_trim = False
+        if _malloc_trim is False:
+            return False
+        _malloc_trim(0)
+        return True
+    finally:
+        _trim_lock.release()
 
 
 class Wakeup:
@@ -138,6 +176,7 @@ class ServiceThread:
                 self._run_calls()
                 try:
                     self.run_once(self.next_timeout_ms(time.monotonic()))
+                    trim_memory(time.monotonic())
                 except (zmq.ContextTerminated, MemoryError):
                     raise
                 except Exception:

@@ -14,6 +14,8 @@ demo, either in this process or as child processes, with the same interface.
   JSON lines, driven over the control channel of the command-line tools (common/cli.py).
 """
 
+import logging
+
 from launcher.handles import (
     BrokerHandle,
     GetHandle,
@@ -34,6 +36,10 @@ from launcher.process import (
     Pending,
 )
 from launcher.swarm import Mode, Swarm
+
+# A library logs and leaves printing to the application: without this, records of WARNING and above
+# would reach stderr through logging's last-resort handler in scripts that configure no logging.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "BrokerHandle",

@@ -9,7 +9,14 @@ nearest deadline the cores report; the `io_*` methods send, write and close.
 Lanes: a request goes out on an idle REQ socket connected to its source's endpoint (one request
 in flight per socket); the reply returns the socket to the idle pool of that endpoint. A request
 the transfer gives up on has its socket closed with linger 0 (a REQ that lost its reply cannot
-send again: Lazy Pirate).
+send again: Lazy Pirate). In authenticated mode a lane is a CURVE client of the key the broker
+gave for that source in the plan: a lane to a source whose key is unknown is never opened.
+
+Identity: heartbeats carry the registration's token and a growing sequence number. `register`
+is kept within the protocol's bounds (MAX_REQUEST_RUNS runs, REGISTER_MAX_BYTES); what does not
+fit is announced with `have` once registered. When the broker relays a refusal reported against
+this peer (`Recheck`), a worker thread re-verifies the file's held segments on disk (at most once
+per RECHECK_INTERVAL_S per file) and the agent announces what verified.
 """
 
 from __future__ import annotations
@@ -26,10 +33,13 @@ from typing import Any
 import zmq
 
 from common import protocol
-from common.errors import MalformedMessage, StorageError, TransferError
+from common.errors import MalformedMessage, StorageError, TransferError, WireCode
 from common.manifest import SEGMENT_SIZE, Manifest
 from common.metrics import Metrics, PeakRate
 from common.protocol import (
+    MAX_HOLDINGS,
+    MAX_REQUEST_RUNS,
+    REGISTER_MAX_BYTES,
     Error,
     Heartbeat,
     Holding,
@@ -38,6 +48,7 @@ from common.protocol import (
     Register,
     SegmentData,
     SegmentRequest,
+    Source,
     StatsRequest,
 )
 from common.ranges import Run
@@ -53,6 +64,31 @@ log = logging.getLogger(__name__)
 
 _MAX_REPLY_HEADER = 64 * 1024
 _IDLE_LANES_PER_ENDPOINT = 8
+RECHECK_INTERVAL_S = 60.0  # a file is re-verified on the broker's request at most this often
+_HOLDING_BYTES = 64  # a holding's encoded size, its runs aside (file_id, keys, headers)
+_RUN_BYTES = 11  # a run's widest encoding
+
+
+def fit_register(
+    holdings: list[tuple[bytes, list[tuple[int, int]]]], fixed_bytes: int
+) -> tuple[list[Holding], list[bytes]]:
+    """Holdings for a `register` within the protocol's bounds (runs, holdings, bytes), and the
+    files left out or cut short, to announce with `have` once registered."""
+    out: list[Holding] = []
+    rest: list[bytes] = []
+    runs_left = MAX_REQUEST_RUNS
+    bytes_left = REGISTER_MAX_BYTES - fixed_bytes - 64
+    for file_id, runs in holdings:
+        if len(out) >= MAX_HOLDINGS or runs_left <= 0 or bytes_left < _HOLDING_BYTES + _RUN_BYTES:
+            rest.append(file_id)
+            continue
+        take = min(len(runs), runs_left, (bytes_left - _HOLDING_BYTES) // _RUN_BYTES)
+        out.append(Holding(file_id, tuple(runs[:take])))
+        runs_left -= take
+        bytes_left -= _HOLDING_BYTES + take * _RUN_BYTES
+        if take < len(runs):
+            rest.append(file_id)
+    return out, rest
 
 
 class Agent(ServiceThread, PeerDriver):
@@ -88,6 +124,14 @@ class Agent(ServiceThread, PeerDriver):
         self._log = RateLimitedLog(log)
         self._upload_peak = PeakRate()
         self.served_bytes: Callable[[], int] | None = None  # the segment server's total, set by Peer
+        self._source_keys: dict[str, bytes] = {}  # endpoint -> CURVE key (authenticated mode)
+        self._keyless: list[tuple[Job, int]] = []  # requests to sources of unknown key: failed
+        self._unannounced: list[bytes] = []  # files `register` had no room for
+        self._verified: queue.SimpleQueue[tuple[bytes, list[tuple[int, int]]]] = queue.SimpleQueue()
+        self._to_verify: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._verified_at: dict[bytes, float] = {}
+        self._verifier: threading.Thread | None = None
+        self._verifier_lock = threading.Lock()
 
     @property
     def registered(self) -> bool:
@@ -117,6 +161,9 @@ class Agent(ServiceThread, PeerDriver):
         for own in (self._dealer, self._pub):
             if own is not None:
                 own.close(linger=0)
+        verifier = self._verifier
+        if verifier is not None and verifier is not threading.current_thread():
+            verifier.join(5.0)
 
     # ---- the loop
 
@@ -132,12 +179,23 @@ class Agent(ServiceThread, PeerDriver):
             self._drain_broker(self._dealer, now)
         for sock in [s for s in events if s in self._lane_owner]:
             self._on_lane_reply(sock, now)
+        while self._keyless:
+            job, request_id = self._keyless.pop()
+            self.on_segment_reply(
+                job, request_id, Error(0, WireCode.INTERNAL, "no key known for this source"), now
+            )
         while True:
             try:
                 file_id, runs = self.lost_reports.get_nowait()
             except queue.Empty:
                 break
             self.report_lost(file_id, runs, now)
+        while True:
+            try:
+                file_id, runs = self._verified.get_nowait()
+            except queue.Empty:
+                break
+            self.announce_held(file_id, runs, now)
         self.tick(now)
 
     def _drain_broker(self, dealer: zmq.Socket[Any], now: float) -> None:
@@ -192,15 +250,80 @@ class Agent(ServiceThread, PeerDriver):
             pass  # queue full while the broker is away: the request times out like a lost one
 
     def io_send_register(self, rid: int) -> None:
-        holdings = tuple(Holding(fid, tuple(runs)) for fid, runs in self.store.holdings())
-        self.io_send_tracker(Register(rid, self.config.name, self.serve_endpoint(), holdings))
+        serve = self.serve_endpoint()
+        holdings, self._unannounced = fit_register(
+            self.store.holdings(), len(self.config.name.encode()) + len(serve) + 64
+        )
+        if self._unannounced:
+            log.info("%d files are announced after registering (no room in register)", len(self._unannounced))
+        self.io_send_tracker(Register(rid, self.config.name, serve, tuple(holdings)))
 
     def io_publish_heartbeat(self) -> None:
         if self._pub is None:
             return
         served = self.served_bytes() if self.served_bytes is not None else 0
         up_bps = int(self._upload_peak.sample(time.monotonic(), served))
-        self._pub.send_multipart(protocol.encode(Heartbeat(self.config.name, up_bps)), zmq.NOBLOCK)
+        beat = Heartbeat(self.config.name, self.session.token, self.session.heartbeat_seq, up_bps)
+        try:
+            self._pub.send_multipart(protocol.encode(beat), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # heartbeats may be lost: the next one follows
+
+    def io_held_runs(self, file_id: bytes) -> list[tuple[int, int]]:
+        return self.store.held_runs(file_id)
+
+    def io_recheck(self, file_ids: tuple[bytes, ...], now: float) -> None:
+        """Re-verify on a worker thread (at most once per RECHECK_INTERVAL_S per file; else just
+        announce again), then announce what verified (run_once drains `_verified`)."""
+        for file_id in file_ids:
+            last = self._verified_at.get(file_id)
+            if last is not None and now - last < RECHECK_INTERVAL_S:
+                self.announce_held(file_id, self.store.held_runs(file_id), now)
+                continue
+            self._verified_at[file_id] = now
+            if len(self._verified_at) > 4096:
+                self._verified_at = {
+                    f: t for f, t in self._verified_at.items() if now - t < RECHECK_INTERVAL_S
+                }
+            self._to_verify.put(file_id)
+        with self._verifier_lock:
+            if self._verifier is None or not self._verifier.is_alive():
+                self._verifier = threading.Thread(
+                    target=self._verify_queued, name=f"zswarm-verify-{self.config.name}", daemon=True
+                )
+                self._verifier.start()
+
+    def _verify_queued(self) -> None:
+        while self.alive:
+            try:
+                file_id = self._to_verify.get_nowait()
+            except queue.Empty:
+                with self._verifier_lock:
+                    if self._to_verify.empty():
+                        self._verifier = None
+                        return
+                continue
+            try:
+                runs = self.store.reverify(file_id)
+            except Exception:
+                log.exception("re-verifying %s failed", file_id.hex()[:16])
+                continue
+            self._verified.put((file_id, runs))
+            self.wakeup.wake()
+
+    def on_sources(self, sources: tuple[Source, ...]) -> None:
+        if not self.transport.secure:
+            return
+        for source in sources:
+            if source.public_key is None:
+                continue
+            if self._source_keys.get(source.endpoint) != source.public_key:
+                # A new key for this endpoint: lanes authenticated with the old one must go.
+                for sock in self._idle_lanes.pop(source.endpoint, []):
+                    self._close_socket(sock)
+                self._source_keys[source.endpoint] = source.public_key
+        if len(self._source_keys) > 65_536:
+            self._source_keys.clear()  # rebuilt from the next plans
 
     def io_connect_heartbeat(self, endpoint: str) -> None:
         if self._pub is None:
@@ -212,6 +335,10 @@ class Agent(ServiceThread, PeerDriver):
     def on_registration_event(self, change: RegistrationChanged) -> None:
         if change.registered:
             self._registered.set()
+            now = time.monotonic()
+            unannounced, self._unannounced = self._unannounced, []
+            for file_id in unannounced:
+                self.announce_held(file_id, self.store.held_runs(file_id), now)
         else:
             self._registered.clear()
 
@@ -224,9 +351,15 @@ class Agent(ServiceThread, PeerDriver):
         if idle:
             sock = idle.pop()
         else:
+            key = self._source_keys.get(endpoint)
+            if self.transport.secure and key is None:
+                self._keyless.append((job, request.id))  # failed on the next turn of the loop
+                self.wakeup.wake()
+                return
             sock = self.transport.client(
                 zmq.REQ,
                 endpoint,
+                key,
                 rcvhwm=4,
                 sndhwm=4,
                 maxmsgsize=self.config.batch_segments * SEGMENT_SIZE + _MAX_REPLY_HEADER,

@@ -5,9 +5,16 @@
     zswarm-peer -c peer.yaml serve        serve what it holds until Ctrl-C / SIGTERM
     zswarm-peer -c peer.yaml control      JSON-lines commands on stdin, events on stdout
 
-With --json, the prompt prints no prompt text and answers every command with one JSON line
+At the prompt, `get` takes the rest of the line as the name (`get sub dir/x.bin`); a name may also
+be quoted (`get 'sub dir/x.bin'`), which is the only way to give one that starts or ends with a
+space. With --json, the prompt prints no prompt text and answers every command with one JSON line
 (`{"ok": true, "cmd": ..., "result": ...}` or `{"ok": false, "cmd": ..., "error": ...}`), one
-command at a time.
+command at a time; a get's answer has its segments counted and as runs by source, the list of every
+segment's source only with `get NAME --segments`. `--json get NAME` answers the same way.
+
+Log lines never land on the prompt line or through the progress bar (common/cli.py, `Console`).
+Exit status: 0 done (or stopped by quit, Ctrl-D, SIGTERM), 1 a download or command failed (a
+one-shot get stopped by SIGTERM too: its file is not there), 2 a bad config, 130 after Ctrl-C.
 
 `control` is how programs (the launcher in launcher/, the tests, the benchmarks) drive a peer
 process: several commands in flight at once, each answered by id, a get streaming its progress.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import signal
 import sys
@@ -32,31 +40,39 @@ from typing import Any
 
 from common.cli import (
     EXIT_FAILURE,
+    EXIT_OK,
     Command,
+    console,
     finish_control,
     run_guarded,
     serve_control,
     setup_logging,
     stop_event_on_signals,
 )
-from common.errors import TransferError, ZswarmError
+from common.errors import BrokerUnavailable, TransferError, ZswarmError
 from common.subscription import Closed
 from peer.config import PeerConfig
 from peer.driver import GetFuture
 from peer.service import Peer
-from peer.transfer import CancelledTransfer, GetResult, Progress
+from peer.transfer import CancelledTransfer, GetResult, Progress, TransferState
 
 PROGRESS_EVERY_S = 0.1  # at most ten progress events a second per get
 DEFAULT_GET_TIMEOUT_S = 3600.0
+PROMPT = "zswarm> "
+SEGMENTS_FLAG = "--segments"
+MiB = 1024 * 1024
+BAR_DELAY_S = 0.5
 
 HELP = """commands:
-  get NAME     download NAME from the swarm
+  get NAME     download NAME from the swarm; the rest of the line is the name, spaces and all
+               (quotes work too: get 'sub dir/x.bin'); with --json, `get NAME --segments`
+               adds every segment's source to the answer
   ls           files held here (complete and partial)
   remote       files the broker shares
   status       this peer's state and counters
   broker       the broker's statistics (live peers, origin counters, ...)
   rescan       verify the data folder again and re-register what verifies
-  quit         leave (also Ctrl-D)"""
+  quit         leave (also Ctrl-D; Ctrl-C leaves with exit status 130)"""
 
 
 def result_dict(result: GetResult, per_segment: bool = False) -> dict[str, Any]:
@@ -79,37 +95,166 @@ def describe_result(result: GetResult) -> str:
     )
 
 
-def _progress_bar(name: str) -> tuple[Any, Any]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, unit="seg", desc=name, file=sys.stderr, leave=True)
-
-    def update(done: int, total: int) -> None:
-        if bar.total != total:
-            bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    return bar, update
+# --------------------------------------------------------------------------------- downloads
 
 
-def run_get(peer: Peer, name: str, timeout: float) -> int:
-    bar, update = _progress_bar(name) if sys.stderr.isatty() else (None, None)
+class ByteBar:
+    """The progress bar of a download on a terminal: bytes, MiB/s and the time left (tqdm), fed
+    from the download's progress subscription. Made at the first snapshot that knows the size;
+    what was held before (a resume) counts as done but not into the rate. Shown only after
+    BAR_DELAY_S more: a download that ends sooner prints its result line alone."""
+
+    def __init__(self, name: str, first: Progress, file: Any = None) -> None:
+        from tqdm import tqdm
+
+        unit, scale = ("MiB", MiB) if first.size >= MiB else ("KiB", 1024)
+        self.bar = tqdm(
+            desc=name,
+            total=first.size,
+            initial=first.bytes_done,
+            unit=unit,  # counted in bytes, shown in MiB: "9.5/28.6 MiB [00:01<00:02, 9.31MiB/s]"
+            unit_scale=1 / scale,
+            file=file if file is not None else sys.stderr,
+            leave=True,
+            dynamic_ncols=True,
+            delay=BAR_DELAY_S,
+            bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} {unit} [{elapsed}<{remaining}, {rate_fmt}]",
+        )
+
+    def show(self, snap: Progress) -> None:
+        bar = self.bar
+        delta = snap.bytes_done - bar.n
+        if delta > 0:
+            bar.update(delta)
+        elif delta < 0:  # segments found damaged and dropped
+            bar.n = snap.bytes_done
+            bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def follow_with_bar(future: GetFuture, name: str, timeout: float, file: Any = None) -> None:
+    """Show a bar for the download until it ends (in this thread); log lines go above it."""
+    bar: ByteBar | None = None
+    subscription = future.progress()
+    deadline = time.monotonic() + timeout
     try:
-        result = peer.get(name, timeout=timeout, progress=update)
+        while True:
+            try:
+                snap = subscription.get(max(0.0, deadline - time.monotonic()))
+            except (Closed, TimeoutError):
+                break
+            if bar is None:
+                if not snap.size or snap.state in (TransferState.DONE, TransferState.FAILED):
+                    continue  # the size is not known yet, or it ended before a bar was worth it
+                bar = ByteBar(name, snap, file)
+                console.set_bar(bar.bar)
+            bar.show(snap)
     finally:
+        console.set_bar(None)
         if bar is not None:
             bar.close()
-    print(describe_result(result), flush=True)
-    return 0
 
 
-def execute(peer: Peer, words: list[str]) -> Any:
-    command, args = words[0].lower(), words[1:]
+def fetch(peer: Peer, name: str, timeout: float, bar: bool) -> GetResult:
+    """Download `name`; with `bar`, a progress bar on stderr meanwhile."""
+    future = peer.start_get(name, timeout)
+    try:
+        if bar:
+            follow_with_bar(future, name, timeout + 5.0)
+        try:
+            return future.result(timeout + 5.0)
+        except TimeoutError:
+            raise TransferError(f"{name}: not finished within {timeout} s") from None
+    except BaseException:
+        future.cancel()  # Ctrl-C, SIGTERM: stop it now (the verified part is kept)
+        raise
+
+
+def explain(peer: Peer, exc: BaseException) -> str:
+    """The message of a failed command; when the peer is not registered because the broker gives
+    its name to another live peer, that is the message (the download only knows it timed out)."""
+    if not isinstance(exc, BrokerUnavailable) or peer.registered:
+        return str(exc)
+    try:
+        stats = peer.broker_stats(timeout=2.0)
+    except (ZswarmError, TimeoutError):
+        return str(exc)
+    holder = stats.get("peers", {}).get(peer.name) if isinstance(stats.get("peers"), dict) else None
+    if not isinstance(holder, dict) or holder.get("endpoint") == peer.serve_endpoint:
+        return str(exc)
+    return (
+        f"not registered with the broker: the name {peer.name!r} is taken by another live peer"
+        f" (serving at {holder.get('endpoint')}); give this one another name, or stop the other"
+    )
+
+
+def run_get(peer: Peer, name: str, timeout: float, as_json: bool, per_segment: bool) -> int:
+    bar = sys.stderr.isatty() and not as_json
+    try:
+        result = fetch(peer, name, timeout, bar)
+    except ZswarmError as exc:
+        message = explain(peer, exc)
+        if as_json:
+            print(json_error("get", exc, message), flush=True)
+        else:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
+    if as_json:
+        print(json_ok("get", result_dict(result, per_segment)), flush=True)
+    else:
+        print(describe_result(result), flush=True)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------- the prompt
+
+
+@dataclass(frozen=True)
+class Line:
+    """A prompt line: the command, its arguments, and `--segments` (get only)."""
+
+    command: str
+    args: list[str]
+    segments: bool = False
+
+
+_FIRST_WORD = re.compile(r"\s*(\S+)\s*(.*?)\s*$", re.DOTALL)
+
+
+def parse_line(line: str) -> Line | None:
+    """None for an empty line; ValueError for one that cannot be a command.
+
+    `get` takes the rest of the line as the name (spaces kept), unless it starts with a quote:
+    then it is one shell-quoted word. `--segments` may come first or last."""
+    match = _FIRST_WORD.match(line)
+    if match is None:
+        return None
+    command, rest = match.group(1).lower(), match.group(2)
+    if command != "get":
+        return Line(command, shlex.split(rest))
+    segments = False
+    if rest == SEGMENTS_FLAG:
+        rest = ""
+    elif rest.startswith(SEGMENTS_FLAG + " "):
+        segments, rest = True, rest[len(SEGMENTS_FLAG) :].strip()
+    elif rest.endswith(" " + SEGMENTS_FLAG):
+        segments, rest = True, rest[: -len(SEGMENTS_FLAG)].strip()
+    if rest[:1] in ("'", '"'):
+        words = shlex.split(rest)
+        if len(words) != 1:
+            raise ValueError("usage: get NAME (the rest of the line, or one quoted name)")
+        rest = words[0]
+    if not rest:
+        raise ValueError("usage: get NAME")
+    return Line("get", [rest], segments)
+
+
+def execute(peer: Peer, line: Line, bar: bool = False) -> Any:
+    command = line.command
     if command == "get":
-        if len(args) != 1:
-            raise ValueError("usage: get NAME")
-        return peer.get(args[0])
+        return fetch(peer, line.args[0], DEFAULT_GET_TIMEOUT_S, bar)
     if command == "ls":
         return peer.files()
     if command == "remote":
@@ -136,9 +281,28 @@ def render(command: str, result: Any) -> str:
         return "\n".join(lines) or "(nothing held)"
     if command == "remote" and isinstance(result, list):
         return "\n".join(f"{f['name']:<40} {f['size']:>12} bytes" for f in result) or "(no files)"
+    if command == "rescan" and isinstance(result, dict):
+        lines = [f"{name:<40} {n:>12} segments verified" for name, n in sorted(result.items())]
+        return "\n".join(lines) or "(nothing held)"
     if isinstance(result, str):
         return result
     return json.dumps(result, indent=2, default=str)
+
+
+def json_ok(command: str, result: Any) -> str:
+    return json.dumps({"ok": True, "cmd": command, "result": result}, default=str)
+
+
+def json_error(command: str, exc: BaseException, message: str | None = None) -> str:
+    error = str(exc) if message is None else message
+    return json.dumps({"ok": False, "cmd": command, "error": error, "type": type(exc).__name__})
+
+
+def read_line(interactive: bool) -> str:
+    if not interactive:
+        return input("")
+    with console.at_prompt(PROMPT):  # log lines meanwhile go above the prompt, which is redrawn
+        return input(PROMPT)
 
 
 def run_prompt(peer: Peer, as_json: bool) -> int:
@@ -151,38 +315,30 @@ def run_prompt(peer: Peer, as_json: bool) -> int:
         print(f"peer {peer.name} serving at {peer.serve_endpoint}; 'help' lists commands", flush=True)
     else:
         print(json.dumps({"event": "ready", "name": peer.name, "serve": peer.serve_endpoint}), flush=True)
+    bar = interactive and sys.stderr.isatty()
     while True:
         try:
-            line = input("zswarm> " if interactive else "")
+            text = read_line(interactive)
         except EOFError:
-            return 0
+            if interactive:
+                print(flush=True)  # Ctrl-D leaves the cursor after the prompt
+            return EXIT_OK
+        command = ""
         try:
-            words = shlex.split(line)
-        except ValueError as exc:
-            words, error = [], str(exc)
-        else:
-            error = ""
-        if not words and not error:
-            continue
-        command = words[0].lower() if words else ""
-        if command in ("quit", "exit"):
-            return 0
-        try:
-            if error:
-                raise ValueError(error)
-            result = execute(peer, words)
+            line = parse_line(text)
+            if line is None:
+                continue
+            command = line.command
+            if command in ("quit", "exit"):
+                return EXIT_OK
+            result = execute(peer, line, bar)
         except (ZswarmError, ValueError, TimeoutError) as exc:
-            if as_json:
-                print(
-                    json.dumps({"ok": False, "cmd": command, "error": str(exc), "type": type(exc).__name__}),
-                    flush=True,
-                )
-            else:
-                print(f"error: {exc}", flush=True)
+            message = explain(peer, exc)
+            print(json_error(command, exc, message) if as_json else f"error: {message}", flush=True)
             continue
         if as_json:
-            payload = result_dict(result) if isinstance(result, GetResult) else result
-            print(json.dumps({"ok": True, "cmd": command, "result": payload}, default=str), flush=True)
+            payload = result_dict(result, line.segments) if isinstance(result, GetResult) else result
+            print(json_ok(command, payload), flush=True)
         else:
             print(render(command, result), flush=True)
 
@@ -316,51 +472,73 @@ def run_control(peer: Peer) -> int:
     return finish_control(server)
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean stop must not be interrupted
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the peer leaves through close() (bye)."""
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    # Once: the clean stop that follows (bye to the broker) must not be cut short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zswarm-peer", description="Run a zswarm peer.")
     parser.add_argument("-c", "--config", required=True, help="peer YAML config")
     parser.add_argument("--log-level", help="override the config's log_level")
-    parser.add_argument("--json", action="store_true", help="answer prompt commands as JSON lines")
+    parser.add_argument(
+        "--json", action="store_true", help="answer prompt commands (and a one-shot get) as JSON lines"
+    )
     sub = parser.add_subparsers(dest="command")
     get = sub.add_parser("get", help="download one file and exit")
     get.add_argument("name")
-    get.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
+    get.add_argument("--timeout", type=float, default=DEFAULT_GET_TIMEOUT_S, help="seconds before giving up")
+    get.add_argument(
+        SEGMENTS_FLAG, action="store_true", help="with --json: every segment's source in the answer"
+    )
     sub.add_parser("serve", help="serve until Ctrl-C or SIGTERM")
     sub.add_parser("control", help="JSON-lines commands on stdin, events on stdout (for programs)")
     args = parser.parse_args(argv)
 
+    def run_mode(peer: Peer) -> int:
+        if args.command == "get":
+            return run_get(peer, args.name, args.timeout, args.json, args.segments)
+        if args.command == "control":
+            return run_control(peer)
+        if args.command == "serve":
+            stop = stop_event_on_signals()
+            print(json.dumps({"event": "ready", "name": peer.name, "serve": peer.serve_endpoint}), flush=True)
+            while not stop.wait(0.5):
+                pass
+            return stop.exit_status()  # 130 after Ctrl-C, 0 after SIGTERM
+        try:
+            return run_prompt(peer, args.json)
+        except KeyboardInterrupt:
+            if sys.stdin.isatty() and not args.json:
+                print(flush=True)  # off the prompt line before the shell's prompt
+            raise
+
     def body() -> int:
         config = PeerConfig.from_yaml(args.config)
         setup_logging(args.log_level or config.log_level)
-        with Peer(config) as peer:
-            if args.command == "get":
-                try:
-                    return run_get(peer, args.name, args.timeout)
-                except ZswarmError as exc:
-                    print(f"error: {exc}", file=sys.stderr)
-                    return EXIT_FAILURE
-            if args.command == "control":
-                return run_control(peer)
-            if args.command == "serve":
-                stop = stop_event_on_signals()
-                print(
-                    json.dumps({"event": "ready", "name": peer.name, "serve": peer.serve_endpoint}),
-                    flush=True,
-                )
-                while not stop.wait(0.5):
-                    pass
-                return 0
-            signal.signal(signal.SIGTERM, _interrupt)  # leave through close(): bye, clean stop
-            status = run_prompt(peer, args.json)
-            # Leaving now: a signal must not cut close() short before its bye is answered.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Ctrl-C and SIGTERM leave through close() (bye, clean stop); serve and control replace
+        # these with their stop events once the peer runs.
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        try:
+            with Peer(config) as peer:
+                status = run_mode(peer)
+                # Leaving now: a signal must not cut close() short before its bye is answered.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             return status
+        except Terminated:
+            if args.command == "get":
+                print(f"error: {args.name}: stopped by SIGTERM before it finished", file=sys.stderr)
+                return EXIT_FAILURE
+            return EXIT_OK
 
     return run_guarded(body)

@@ -2,22 +2,35 @@
 
 Every numeric field has both bounds: the upper ones are far beyond any sensible setting and are
 there to catch a slip (a value in ms where s was meant, extra zeros), not to tune anything.
+
+Authenticated mode (docs/SECURITY.md): `secret_key_file` (this peer's NAME.key_secret, mode 0600,
+made by zswarm-keygen; NAME should be the peer's name: the broker binds a name to the key filed
+under it), `broker_public_key_file` (the broker's public NAME.key: the tracker and origin are
+authenticated with it) and `allow_dir` (the public keys of the peers allowed to download from
+this one) switch CURVE on for every socket of the peer. All three or none.
 """
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from common.config import ConfigModel, LogLevel, check_folder
+from common.errors import ConfigError
 from common.protocol import ENDPOINT_PATTERN, NAME_PATTERN, RESERVED_SOURCE_NAMES
 
 MAX_UPLOAD_MIB_S = 1_000_000.0  # about 1 TiB/s: beyond any link, so only a typo reaches it
 
 
 class PeerConfig(ConfigModel):
-    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data_dir",)
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = (
+        "data_dir",
+        "secret_key_file",
+        "broker_public_key_file",
+        "allow_dir",
+    )
     HINTS: ClassVar[dict[str, str]] = {
         "name": "must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit",
         "broker": "must be a tracker endpoint like tcp://127.0.0.1:5555",
@@ -37,6 +50,60 @@ class PeerConfig(ConfigModel):
     replan_interval_s: float = Field(default=1.0, gt=0.0, le=600.0)
     upload_limit_mib_s: float = Field(default=0.0, ge=0.0, le=MAX_UPLOAD_MIB_S)  # cap on upload; 0: none
     log_level: LogLevel = "INFO"
+    # Authenticated mode (CURVE + an allow-list): all three or none.
+    secret_key_file: str | None = None  # this peer's NAME.key_secret (mode 0600)
+    broker_public_key_file: str | None = None  # the broker's public NAME.key
+    allow_dir: str | None = None  # folder of the public NAME.key files of peers that may download here
+
+    @field_validator("secret_key_file")
+    @classmethod
+    def _secret_key_usable(cls, value: str | None) -> str | None:
+        if value is not None:
+            from common.security import load_secret
+
+            try:
+                load_secret(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("broker_public_key_file")
+    @classmethod
+    def _broker_key_usable(cls, value: str | None, info: ValidationInfo) -> str | None:
+        has_secret = info.data.get("secret_key_file") is not None
+        if value is None:
+            if has_secret:
+                raise ValueError("required with secret_key_file (the broker's public key)")
+            return value
+        if not has_secret and "secret_key_file" in info.data:
+            raise ValueError("needs secret_key_file too (this peer's own key)")
+        from common.security import load_public
+
+        try:
+            load_public(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("allow_dir")
+    @classmethod
+    def _allow_dir_usable(cls, value: str | None, info: ValidationInfo) -> str | None:
+        has_secret = info.data.get("secret_key_file") is not None
+        if value is None:
+            if has_secret:
+                raise ValueError(
+                    "required with secret_key_file (the public keys of peers that may download here)"
+                )
+            return value
+        if not has_secret and "secret_key_file" in info.data:
+            raise ValueError("needs secret_key_file too (this peer's own key)")
+        if not os.path.isdir(value):
+            raise ValueError(f"{value} is not a folder")
+        return value
+
+    @property
+    def secure(self) -> bool:
+        return self.secret_key_file is not None
 
     @field_validator("name")
     @classmethod

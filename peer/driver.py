@@ -28,7 +28,7 @@ from typing import Any
 from common.errors import BrokerUnavailable, RemoteError, ZswarmError
 from common.manifest import Manifest
 from common.metrics import Metrics
-from common.protocol import BadSource, Error, Get, Have, Lost, Message, Ok
+from common.protocol import MAX_REQUEST_RUNS, BadSource, Error, FileInfo, Get, Have, Lost, Message, Ok, Source
 from common.ranges import Run
 from common.service import RateLimitedLog
 from common.subscription import Subscription
@@ -39,6 +39,7 @@ from peer.session import (
     Delivered,
     Left,
     PublishHeartbeat,
+    Recheck,
     RegistrationChanged,
     SendRegister,
     SendTracker,
@@ -70,6 +71,7 @@ from peer.transfer import (
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.1
+ANNOUNCE_RUNS = MAX_REQUEST_RUNS // 4  # runs per `have` when announcing what is held again
 
 
 class PeerMetrics:
@@ -155,6 +157,10 @@ def _have(command: Announce, rid: int) -> Message:
     return Have(rid, command.file_id, command.runs)
 
 
+def _have_runs(file_id: bytes, runs: tuple[Run, ...], rid: int) -> Message:
+    return Have(rid, file_id, runs)
+
+
 def _get(command: AskPlan, rid: int) -> Message:
     return Get(rid, command.name, command.known_file_id)
 
@@ -221,6 +227,19 @@ class PeerDriver:
     def io_job_ended(self, job: Job) -> None:
         """Release the job's I/O resources (its open requests, its file)."""
 
+    def io_held_runs(self, file_id: bytes) -> list[Run]:
+        """The verified segments held of a file (for announcing them again)."""
+        return []
+
+    def io_recheck(self, file_ids: tuple[bytes, ...], now: float) -> None:
+        """The broker asks: re-verify these files and announce what is held. The default
+        announces what the store says it holds (a subclass verifies first)."""
+        for file_id in file_ids:
+            self.announce_held(file_id, self.io_held_runs(file_id), now)
+
+    def on_sources(self, sources: tuple[Source, ...]) -> None:
+        """A plan named these sources (their endpoints and, authenticated, their keys)."""
+
     def on_registration_event(self, change: RegistrationChanged) -> None:
         """A subclass's hook (the agent sets an event API threads wait on)."""
 
@@ -286,6 +305,8 @@ class PeerDriver:
                 self._bad_log.warning("the broker is not answering (%s)", command.what)
             elif isinstance(command, Left):
                 self.on_left()
+            elif isinstance(command, Recheck):
+                self.io_recheck(command.file_ids, now)
 
     def _on_registration(self, change: RegistrationChanged, now: float) -> None:
         if change.registered:
@@ -309,6 +330,8 @@ class PeerDriver:
             if reply is None:
                 self.run(job, job.transfer.on_plan_timeout(now), now)
             else:
+                if isinstance(reply, FileInfo):
+                    self.on_sources(reply.sources)
                 cached = None
                 file_id = getattr(reply, "file_id", None)
                 if getattr(reply, "digests", b"") is None and file_id is not None:
@@ -335,6 +358,17 @@ class PeerDriver:
                 future.set_exception(RemoteError.from_wire(reply.code, reply.message))
             else:
                 future.set_result(reply)
+
+    def announce_held(self, file_id: bytes, runs: list[Run], now: float) -> None:
+        """Tell the broker again what is held of a file (`have`, in requests of at most
+        ANNOUNCE_RUNS runs, ~180 KB: well inside the tracker's inbound budget per connection):
+        after a refusal reported against this peer, or what did not fit in `register`. Nothing
+        while not registered: the next registration carries it."""
+        if not self.session.registered or not runs:
+            return
+        for start in range(0, len(runs), ANNOUNCE_RUNS):
+            part = tuple(runs[start : start + ANNOUNCE_RUNS])
+            self.request(partial(_have_runs, file_id, part), None, now)
 
     def report_lost(self, file_id: bytes, runs: list[Run], now: float) -> None:
         if self.session.registered:

@@ -25,6 +25,7 @@ from common.transport import Transport, endpoint
 from peer.agent import Agent
 from peer.config import PeerConfig
 from peer.driver import GetFuture
+from peer.lock import DataDirLock
 from peer.store import Store
 from peer.transfer import GetResult, Progress
 
@@ -51,6 +52,9 @@ class Peer(Node):
     # ---- lifecycle (common/node.py)
 
     def prepare(self) -> None:
+        # One peer per data folder (peer/lock.py): taken before the scan, held until after_stop.
+        self._data_dir_lock = DataDirLock(self.config.data_dir)
+        self._data_dir_lock.acquire()
         held = self.store.scan()
         if held:
             log.info(
@@ -86,6 +90,12 @@ class Peer(Node):
                 left.wait(1.5)
             except Exception:
                 pass  # the broker is away: it will evict this peer when heartbeats stop
+
+    def after_stop(self) -> None:
+        """Every thread stopped: let another peer use the data folder."""
+        lock: DataDirLock | None = getattr(self, "_data_dir_lock", None)
+        if lock is not None:
+            lock.release()
 
     def close(self, bye_timeout: float = 1.0) -> None:
         super().close()

@@ -12,10 +12,14 @@ Theory of operation
 Every request carries a request id (`rid`); the session keeps the table of requests in flight,
 each with its deadline and an opaque token naming who waits for the answer (a transfer, an API
 call). A reply or a timeout comes back as `Delivered(token, reply or None)` for the shell to
-route. While registered, a heartbeat is due every interval the broker asked for; when the broker
-has been silent for a heartbeat-expiry period, a `ping` finds out whether it still knows this
-peer (it may have restarted). So a restarted broker relearns the swarm from the peers, with no
-operator. `leave()` is final: after `bye` nothing registers again, whatever arrives late.
+route. While registered, a heartbeat is due every interval the broker asked for, carrying the
+registration's secret `token` and a sequence number that grows with every beat (the broker
+refuses a beat without them: nobody else can keep this peer alive or replay its beats). Every
+heartbeat-expiry period a `ping` finds out whether the broker still knows this peer (it may have
+restarted), and its `pong` names the files this peer was reported to refuse (`Recheck`): the
+peer re-verifies and announces them again, so a false report never costs it its claim for good.
+So a restarted broker relearns the swarm from the peers, with no operator. `leave()` is final:
+after `bye` nothing registers again, whatever arrives late.
 
 The shell builds the `register` message itself (`SendRegister`): only it can read the store's
 holdings and the serving endpoint.
@@ -57,7 +61,15 @@ class SendRegister:
 
 @dataclass(frozen=True, slots=True)
 class PublishHeartbeat:
-    pass
+    """Publish a heartbeat now, with the session's `token` and `heartbeat_seq` (just advanced)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Recheck:
+    """The broker heard that this peer refused segments of these files: re-verify what is held
+    of them and announce it again."""
+
+    file_ids: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +111,7 @@ SessionCommand = (
     SendTracker
     | SendRegister
     | PublishHeartbeat
+    | Recheck
     | ConnectHeartbeat
     | Delivered
     | RegistrationChanged
@@ -128,9 +141,11 @@ class BrokerSession:
         self.heartbeat_interval_s = 1.0
         self.heartbeat_liveness = 3
         self.heartbeat_endpoint: str | None = None
+        self.token = b""  # the secret of the current registration, for heartbeats
+        self.heartbeat_seq = 0  # the last heartbeat's sequence number (never goes down)
         self.pending: dict[int, _Pending] = {}
         self._next_rid = 1
-        self._last_reply = now
+        self._last_pong = now
         self._next_heartbeat = now
         self._next_register = now
         self._ping_out = False
@@ -164,7 +179,6 @@ class BrokerSession:
         return rid
 
     def on_reply(self, reply: Message, now: float) -> list[SessionCommand]:
-        self._last_reply = now
         commands: list[SessionCommand] = []
         if self._silence_reported:
             self._silence_reported = False
@@ -178,8 +192,11 @@ class BrokerSession:
             return commands + self._on_registered(reply, now)
         if token is _PING:
             self._ping_out = False
+            self._last_pong = now
             if isinstance(reply, Pong) and (not reply.known or reply.session != self.session_id):
                 commands += self._lost("the broker restarted or forgot this peer", now)
+            elif isinstance(reply, Pong) and reply.recheck and self.registered:
+                commands.append(Recheck(reply.recheck))
             return commands
         if token is _BYE:
             self.state = SessionState.LEFT
@@ -217,6 +234,8 @@ class BrokerSession:
             return [RegistrationChanged(False, f"registration refused: {why}")]
         self.state = SessionState.REGISTERED
         self.session_id = reply.session
+        self.token = reply.token
+        self._last_pong = now
         self.heartbeat_interval_s = reply.heartbeat_interval_s
         self.heartbeat_liveness = reply.heartbeat_liveness
         commands: list[SessionCommand] = []
@@ -271,9 +290,10 @@ class BrokerSession:
             commands += self.register(now)
         elif state is SessionState.REGISTERED:
             if now >= self._next_heartbeat:
+                self.heartbeat_seq += 1
                 commands.append(PublishHeartbeat())
                 self._next_heartbeat = now + self.heartbeat_interval_s
-            if not self._ping_out and now - self._last_reply >= self.silence_s():
+            if not self._ping_out and now - self._last_pong >= self.silence_s():
                 self._ping_out = True
                 rid = self._take_rid()
                 self.pending[rid] = _Pending(now + self.silence_s(), _PING)
@@ -288,6 +308,6 @@ class BrokerSession:
         elif self.state is SessionState.REGISTERED:
             deadlines.append(self._next_heartbeat)
             if not self._ping_out:
-                deadlines.append(self._last_reply + self.silence_s())
+                deadlines.append(self._last_pong + self.silence_s())
         upcoming = [d for d in deadlines if d > now]
         return min(upcoming) if upcoming else None

@@ -15,6 +15,12 @@ at start (and on rescan), and `read_run()` verifies every slice before it is ser
 no longer verifies is dropped from the holdings and handed to `on_lost`, so the owner can tell the
 broker. The store is shared by the peer's agent thread, its server thread and API callers: state
 changes happen under one lock, file I/O outside it.
+
+Only evidence drops a holding: bytes that fail their digest, or a file that is gone or is no
+longer a regular file of the data folder. Reads never follow a symlink (`O_NOFOLLOW`), never block
+on a FIFO (`O_NONBLOCK`, then the descriptor must be a regular file), and must resolve inside
+`data_dir`. A transient failure (no file descriptor free, no memory, an interrupted call) raises
+`SourceBusy`: the request is answered `busy` and nothing held is dropped or reported lost.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,10 +38,19 @@ from pathlib import Path
 from common.errors import DiskFull, StorageError
 from common.manifest import SEGMENT_SIZE, Manifest, read_manifest_file, write_manifest_file
 from common.ranges import Run, SegmentSet
+from common.segserver import SourceBusy
 
 log = logging.getLogger(__name__)
 
 META_DIR = ".zswarm"
+# Errors that say "not now", not "this segment is gone": they must never drop a holding.
+TRANSIENT_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN, errno.ENOBUFS, errno.EBUSY}
+)
+
+
+def is_transient(exc: OSError) -> bool:
+    return exc.errno in TRANSIENT_ERRNOS
 
 
 @dataclass
@@ -61,6 +77,22 @@ class Store:
         self._fetching: set[bytes] = set()  # files being downloaded now (their server relays)
         for folder in (self.data_dir, self.manifest_dir, self.partial_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        self._real_root = os.path.realpath(self.data_dir)
+
+    def _open_data(self, path: Path) -> int:
+        """Open a data file for reading: no symlink followed, no blocking on a FIFO, a regular
+        file whose folder resolves inside data_dir. OSError otherwise (ELOOP, EINVAL, EXDEV)."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", str(path))
+            folder = os.path.realpath(path.parent)
+            if folder != self._real_root and not folder.startswith(self._real_root + os.sep):
+                raise OSError(errno.EXDEV, "outside the data folder", str(path))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     # ---- paths
 
@@ -133,19 +165,32 @@ class Store:
         return {fid: len(e.held) for fid, e in entries.items()}
 
     @staticmethod
-    def _verify_file(manifest: Manifest, path: Path) -> SegmentSet:
+    def _verify_file(manifest: Manifest, path: Path, runs: list[Run] | None = None) -> SegmentSet:
+        """The segments of `path` that verify (only those in `runs`, if given). Opened like a
+        served file: no symlink, no FIFO, a regular file."""
         held = SegmentSet()
         chunk_segments = 64
+        if runs is None:
+            runs = [(0, manifest.segment_count)] if manifest.segment_count else []
         try:
-            with open(path, "rb", buffering=0) as f:
-                fd = f.fileno()
-                for first in range(0, manifest.segment_count, chunk_segments):
-                    count = min(chunk_segments, manifest.segment_count - first)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            log.warning("cannot verify %s: %s", path, exc.strerror)
+            return held
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                log.warning("cannot verify %s: not a regular file", path)
+                return held
+            for run_first, run_count in runs:
+                for first in range(run_first, run_first + run_count, chunk_segments):
+                    count = min(chunk_segments, run_first + run_count - first)
                     data = os.pread(fd, manifest.run_length(first, count), first * SEGMENT_SIZE)
                     for good_first, good_count in manifest.split_verified(first, count, data)[0]:
                         held.add(good_first, good_count)
         except OSError as exc:
             log.warning("cannot verify %s: %s", path, exc.strerror)
+        finally:
+            os.close(fd)
         return held
 
     # ---- queries
@@ -178,6 +223,35 @@ class Store:
         """The download ended (done, failed, cancelled): missing segments are missing again."""
         with self._lock:
             self._fetching.discard(file_id)
+
+    def held_runs(self, file_id: bytes) -> list[Run]:
+        with self._lock:
+            entry = self._entries.get(file_id)
+            return entry.held.runs() if entry is not None else []
+
+    def reverify(self, file_id: bytes) -> list[Run]:
+        """Read and verify every held segment of a file again (blocking: a worker's job). What
+        fails is dropped and handed to `on_lost`; returns the runs held afterwards. A file being
+        downloaded is left alone (its segments were verified as they arrived)."""
+        with self._lock:
+            entry = self._entries.get(file_id)
+            if entry is None or file_id in self._fetching:
+                return entry.held.runs() if entry is not None else []
+            manifest, path, runs = entry.manifest, entry.path, entry.held.runs()
+        good = self._verify_file(manifest, path, runs)
+        bad = SegmentSet(runs)
+        bad.difference_update(good)
+        if bad:
+            with self._lock:
+                entry = self._entries.get(file_id)
+                if entry is not None:
+                    entry.held.difference_update(bad)
+            log.warning(
+                "%d segments of %s failed verification on disk: no longer served", len(bad), manifest.name
+            )
+            if self.on_lost is not None:
+                self.on_lost(file_id, bad.runs())
+        return self.held_runs(file_id)
 
     def held_copy(self, file_id: bytes) -> SegmentSet:
         with self._lock:
@@ -300,8 +374,17 @@ class Store:
         parts: list[bytes] = []
         present = SegmentSet()
         lost: list[Run] = []
+        gone = False
         for run_first, run_count in wanted:
             data = self._pread(path, file_id, manifest, run_first, run_count)
+            if data is None:
+                # The file is gone from where it was kept, or is not a regular file of the data
+                # folder any more: every segment held of it is lost, not just these.
+                with self._lock:
+                    entry = self._entries.get(file_id)
+                    lost = entry.held.runs() if entry is not None else list(wanted)
+                parts, present, gone = [], SegmentSet(), True
+                break
             good, bad = manifest.split_verified(run_first, run_count, data)
             for good_first, good_count in good:
                 start = (good_first - run_first) * SEGMENT_SIZE
@@ -311,7 +394,9 @@ class Store:
         if lost:
             with self._lock:
                 entry = self._entries.get(file_id)
-                if entry is not None:
+                if entry is not None and gone:
+                    entry.held = SegmentSet()
+                elif entry is not None:
                     for lost_first, lost_count in lost:
                         entry.held.remove(lost_first, lost_count)
             log.warning(
@@ -323,26 +408,33 @@ class Store:
                 self.on_lost(file_id, lost)
         return b"".join(parts), present.missing_in_run(first, count)
 
-    def _pread(self, path: Path, file_id: bytes, manifest: Manifest, first: int, count: int) -> bytes:
+    def _pread(self, path: Path, file_id: bytes, manifest: Manifest, first: int, count: int) -> bytes | None:
+        """The bytes of a run (b"" if the read failed); None when the file is gone or is no longer
+        a regular file of the data folder (evidence: all its segments are lost). SourceBusy on a
+        transient error."""
         for attempt in range(2):
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = self._open_data(path)
             except FileNotFoundError:
                 # The download may have just been moved to its final name: look once more.
                 entry = self.entry(file_id)
                 if attempt or entry is None or entry.path == path:
-                    return b""
+                    return None
                 path = entry.path
                 continue
-            except OSError:
-                return b""
+            except OSError as exc:
+                if is_transient(exc):
+                    raise SourceBusy(f"{path}: {exc.strerror}") from None
+                return None
             try:
                 return os.pread(fd, manifest.run_length(first, count), first * SEGMENT_SIZE)
-            except OSError:
+            except OSError as exc:
+                if is_transient(exc):
+                    raise SourceBusy(f"{path}: {exc.strerror}") from None
                 return b""
             finally:
                 os.close(fd)
-        return b""
+        return None
 
 
 def _storage_error(exc: OSError, what: str) -> StorageError:

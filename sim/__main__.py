@@ -30,7 +30,9 @@ RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 MIB = 1 << 20
 
 
-def run_one(n: int, links: str, size: int, up_mbit: float, fast_mbit: float, down_mbit: float, seed: int) -> dict[str, Any]:
+def run_one(
+    n: int, links: str, size: int, up_mbit: float, fast_mbit: float, down_mbit: float, seed: int
+) -> dict[str, Any]:
     up = up_mbit * 1e6
     origin_up = fast_mbit * 1e6 if links == "mixed" else up
     down = down_mbit * 1e6 if links == "asym" else math.inf
@@ -46,7 +48,7 @@ def run_one(n: int, links: str, size: int, up_mbit: float, fast_mbit: float, dow
     rng = random.Random(seed)
     start = sw.clock.now
     for peer in peers:
-        sw.clock.at(start + rng.uniform(0, 0.05), peer.get, "f.bin")
+        sw.clock.at(start + rng.uniform(0, 0.05), peer.start_download, "f.bin")
     wall0 = time.perf_counter()
     done = sw.run_until_done("f.bin", peers, 3600.0)
     wall = time.perf_counter() - wall0
@@ -99,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", default="16", help="downloaders N, comma-separated")
     ap.add_argument("--size-mib", type=float, default=32.0)
     ap.add_argument("--links", default="uniform", help="uniform, mixed, asym (comma-separated)")
-    ap.add_argument("--up-mbit", default="100", help="uplink Mbit/s, comma-separated (the slow one for mixed)")
+    ap.add_argument(
+        "--up-mbit", default="100", help="uplink Mbit/s, comma-separated (the slow one for mixed)"
+    )
     ap.add_argument("--fast-mbit", type=float, default=100.0, help="mixed: the fast uplinks and the origin's")
     ap.add_argument("--down-mbit", type=float, default=100.0, help="asym: every downlink")
     ap.add_argument("--seed", type=int, default=0)
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)  # timeouts, evictions: the table says what matters
     size = int(args.size_mib * MIB)
     rows: list[dict[str, Any]] = []
-    print(f"{'N':>5} {'links':<8} {'up':>5} {'time s':>8} {'ideal s':>8} {'x ideal':>7} {'origin':>6} {'wall s':>7}")
+    header = ("N", "links", "up", "time s", "ideal s", "x ideal", "origin", "wall s")
+    print("{:>5} {:<8} {:>5} {:>8} {:>8} {:>7} {:>6} {:>7}".format(*header))
     for links in args.links.split(","):
         for up_mbit in [float(x) for x in args.up_mbit.split(",")]:
             for n in [int(x) for x in args.peers.split(",")]:
@@ -123,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.results_name}.json"
-    out.write_text(json.dumps({"benchmark": "sim", "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"benchmark": "sim", "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2
+        )
+    )
     print(f"wrote {out}")
     if args.plot is not None:
         plot(rows, args.plot)

@@ -260,6 +260,7 @@ class SimPeer(PeerDriver):
         self._parked: dict[bytes, list[_Parked]] = {}  # requests waiting for segments being fetched
         self._upload_peak = PeakRate()
         self.done_at: dict[str, float] = {}
+        self.futures: dict[str, GetFuture] = {}
         self.errors: dict[str, str] = {}
 
     # ---- time
@@ -317,6 +318,10 @@ class SimPeer(PeerDriver):
         self.after_input()
         return future
 
+    def start_download(self, name: str) -> None:
+        """`get`, as a clock event (the future is kept in `futures`)."""
+        self.futures[name] = self.get(name)
+
     def seed(self, manifest: Manifest) -> None:
         """Hold a complete copy before starting (as if downloaded earlier)."""
         self.manifests[manifest.file_id] = manifest
@@ -333,6 +338,10 @@ class SimPeer(PeerDriver):
 
     def io_publish_heartbeat(self) -> None:
         self.swarm.heartbeat(self, int(self._upload_peak.sample(self.now, self.host.payload_sent)))
+
+    def io_held_runs(self, file_id: bytes) -> list[tuple[int, int]]:
+        held = self.held.get(file_id)
+        return held.runs() if held is not None else []
 
     def io_connect_heartbeat(self, endpoint: str) -> None:
         pass
@@ -629,10 +638,13 @@ class SimSwarm:
         self._arm_tracker()
 
     def heartbeat(self, peer: SimPeer, up_bps: int) -> None:
-        self.clock.at(self.clock.now + peer.host.latency_s, self._on_heartbeat, peer.peer_name, up_bps)
+        token, seq = peer.session.token, peer.session.heartbeat_seq
+        self.clock.at(
+            self.clock.now + peer.host.latency_s, self._on_heartbeat, peer.peer_name, token, seq, up_bps
+        )
 
-    def _on_heartbeat(self, name: str, up_bps: int) -> None:
-        self.tracker.on_heartbeat(name, self.clock.now, up_bps)
+    def _on_heartbeat(self, name: str, token: bytes, seq: int, up_bps: int) -> None:
+        self.tracker.on_heartbeat(name, token, seq, self.clock.now, up_bps)
 
     def _arm_tracker(self) -> None:
         deadline = self.tracker.next_deadline()

@@ -331,6 +331,8 @@ def test_defaults_are_unchanged(tmp_path: Path) -> None:
         "upload_limit_mib_s": 0.0,
         "max_request_bytes": 16 * 1024 * 1024,
         "rescan_interval_s": 2.0,
+        "secret_key_file": None,
+        "allow_dir": None,
         "log_level": "INFO",
     }
     peer = PeerConfig(name="p1", broker="tcp://127.0.0.1:5555", data_dir=str(tmp_path / "d"))
@@ -345,6 +347,9 @@ def test_defaults_are_unchanged(tmp_path: Path) -> None:
         "have_flush_interval_s": 0.1,
         "replan_interval_s": 1.0,
         "upload_limit_mib_s": 0.0,
+        "secret_key_file": None,
+        "broker_public_key_file": None,
+        "allow_dir": None,
         "log_level": "INFO",
     }
 

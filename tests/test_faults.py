@@ -390,16 +390,17 @@ def test_lost_heartbeats_do_not_evict(
     pub.setsockopt(zmq.LINGER, 0)
     pub.connect(broker.heartbeat_endpoint)
     try:
-        assert isinstance(client.request(Register(1, "lossy", "tcp://127.0.0.1:9", ())), Registered)
-        beat = protocol.encode(Heartbeat("lossy"))
+        registered = client.request(Register(1, "lossy", "tcp://127.0.0.1:9", ()))
+        assert isinstance(registered, Registered)
         # Two heartbeats of every three are lost, for three rounds: never evicted.
         next_beat = time.monotonic()
-        for _ in range(3):
+        for seq in range(1, 4):
             next_beat += 3 * interval
             while (left := next_beat - time.monotonic()) > 0:
                 assert "lossy" in broker.stats()["live_peers"]
                 time.sleep(min(interval / 6, left))
-            pub.send_multipart(beat)
+            # protocol 2: the registration's token and a growing sequence number
+            pub.send_multipart(protocol.encode(Heartbeat("lossy", registered.token, seq)))
         assert broker.stats()["evicted"] == 0
     finally:
         pub.close(linger=0)

@@ -419,6 +419,6 @@ def test_a_slow_source_costs_little(share: Path, start_broker: StartBroker, star
     # to the fast one (timed out, stolen, or duplicated in the endgame), long before the slow
     # one could have sent its block (10 s).
     assert result.seconds < 1.0 / 0.1
-    assert result.sources.get("fast", 0) >= 128 - 8  # the slow one delivered two probes at most
+    assert result.sources.get("slow", 0) <= 8  # two probes at most
     counts = downloader.status()["counts"]
     assert counts["lane_timeouts"] + counts["endgame_requests"] + counts.get("segments_stolen", 0) >= 1

@@ -56,6 +56,8 @@ FID = bytes(range(DIGEST_SIZE))
 FID2 = b"\xff" * DIGEST_SIZE
 EP = "tcp://127.0.0.1:5555"
 EP6 = "tcp://[::1]:6000"
+TOK = bytes(range(16))
+KEY = b"\x07" * 32
 HYPO = settings(
     derandomize=True,
     database=None,
@@ -89,6 +91,7 @@ SAMPLES: list[Message] = [
         heartbeat_endpoint=EP6,
         heartbeat_interval_s=0.5,
         heartbeat_liveness=3,
+        token=TOK,
     ),
     FileInfo(
         rid=10,
@@ -97,7 +100,7 @@ SAMPLES: list[Message] = [
         file_id=FID,
         segment_size=SEGMENT_SIZE,
         digests=b"\x01" * (3 * DIGEST_SIZE),
-        sources=(Source("peer-1", EP, ((0, 2),)), Source("broker", EP6, None)),
+        sources=(Source("peer-1", EP, ((0, 2),), KEY), Source("broker", EP6, None)),
         plan=((0, 2, 0), (2, 1, 1)),
         origin_lanes=4,
     ),
@@ -117,9 +120,11 @@ SAMPLES: list[Message] = [
     Stats(rid=12, stats={"a": 1, "b": [1, 2.5, "x", b"y", None, True], "c": {"d": {"e": -1}}}),
     Pong(rid=13, session=5, known=True),
     Pong(rid=13, session=0, known=False),
+    Pong(rid=13, session=1, known=True, recheck=(FID, FID2)),
     Ok(rid=14),
     Error(rid=15, code="not_found", message="no file named 'x'"),
-    Heartbeat(name="peer-1"),
+    Heartbeat(name="peer-1", token=TOK, seq=1),
+    Heartbeat(name="peer-1", token=TOK, seq=(1 << 64) - 1, up_bps=123),
     SegmentRequest(file_id=FID, first=0, count=MAX_RUN_SEGMENTS),
     SegmentRequest(file_id=FID, first=MAX_SEGMENTS - 1, count=1),
     SegmentData(file_id=FID, first=10, count=3, missing=((11, 1),), payload=b"\xab" * (2 * SEGMENT_SIZE)),
@@ -446,9 +451,9 @@ REG, GET, HAVE, BAD, REGD, FINFO, FILES, PONG, ERR, SEGREQ, SEGDATA = (
     SAMPLES[13],
     SAMPLES[15],
     SAMPLES[18],
-    SAMPLES[21],
-    SAMPLES[23],
+    SAMPLES[22],
     SAMPLES[25],
+    SAMPLES[27],
 )
 
 BAD_FIELDS: list[tuple[str, Message, list[Any], Any]] = [
@@ -623,13 +628,13 @@ BAD_PEER_NAMES = [
 
 @pytest.mark.parametrize("name", GOOD_PEER_NAMES)
 def test_good_peer_names_are_accepted(name: str) -> None:
-    assert decode(encode(Heartbeat(name))) == Heartbeat(name)
+    assert decode(encode(Heartbeat(name, TOK, 1))) == Heartbeat(name, TOK, 1)
     assert decode(mutate(REG, ["name"], name)).name == name  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("name", BAD_PEER_NAMES, ids=repr)
 def test_bad_peer_names_are_rejected(name: str) -> None:
-    rejects([pack({"op": "hb", "name": name, "up_bps": 0})])
+    rejects([pack({"op": "hb", "name": name, "token": TOK, "seq": 1, "up_bps": 0})])
     rejects(mutate(REG, ["name"], name))
 
 
@@ -638,7 +643,9 @@ def test_reserved_names_are_still_valid_source_names() -> None:
     msg = BadSource(1, FID, "broker", ((0, 1),), "refused")
     assert decode(encode(msg)) == msg
     assert decode(encode(FINFO)).sources[-1].name == "broker"  # type: ignore[attr-defined]
-    assert decode([pack({"op": "hb", "name": "Broker", "up_bps": 0})]) == Heartbeat("Broker")
+    assert decode([pack({"op": "hb", "name": "Broker", "token": TOK, "seq": 1, "up_bps": 0})]) == Heartbeat(
+        "Broker", TOK, 1
+    )
 
 
 GOOD_ENDPOINTS = ["tcp://127.0.0.1:5555", "tcp://[::1]:1", "tcp://host-name.example:65535", "tcp://h:00080"]
@@ -773,8 +780,8 @@ def test_very_deep_nesting_anywhere_is_rejected_cleanly() -> None:
     [
         Ping(rid=-1),
         Ping(rid=True),
-        Heartbeat(name="bad name"),
-        Heartbeat(name="broker"),
+        Heartbeat(name="bad name", token=TOK, seq=1),
+        Heartbeat(name="broker", token=TOK, seq=1),
         SegmentRequest(FID[:5], 0, 1),
         SegmentRequest(FID, 0, 0),
         Get(1, "../x", None),
@@ -968,3 +975,123 @@ def test_protocol_constants_are_consistent() -> None:
     assert MAX_FILE_SIZE == MAX_SEGMENTS * SEGMENT_SIZE
     assert protocol.PROTOCOL_VERSION == 2
     assert all(op == cls.OP for op, cls in MESSAGES.items())
+
+
+# --------------------------------------------------------------------------- tracker requests:
+# bounded by op before decoding (issue 9), read field by field above STREAM_DECODE_BYTES
+
+
+@pytest.fixture
+def always_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request frame takes the field-by-field reader, however small."""
+    monkeypatch.setattr(protocol, "STREAM_DECODE_BYTES", 0)
+
+
+REQUEST_SAMPLES = [m for m in SAMPLES if isinstance(m, protocol.TRACKER_REQUESTS)]
+
+
+@pytest.mark.parametrize("msg", REQUEST_SAMPLES, ids=lambda m: m.OP)
+def test_the_streaming_reader_decodes_every_request_alike(msg: Message, always_stream: None) -> None:
+    assert protocol.decode_request(encode(msg)) == msg
+
+
+REQUEST_BAD_FIELDS = [c for c in BAD_FIELDS if isinstance(c[1], protocol.TRACKER_REQUESTS)]
+
+
+@pytest.mark.parametrize(
+    ("msg", "path", "value"), [c[1:] for c in REQUEST_BAD_FIELDS], ids=[c[0] for c in REQUEST_BAD_FIELDS]
+)
+def test_the_streaming_reader_refuses_what_decode_refuses(
+    msg: Message, path: list[Any], value: Any, always_stream: None
+) -> None:
+    with pytest.raises(MalformedMessage):
+        protocol.decode_request(mutate(msg, path, value))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"op": "ping", "rid": 1, "rid2": 1},  # unknown key
+        {"op": "ping"},  # missing key
+        {"op": "pong", "rid": 1, "session": 1, "known": True, "recheck": []},  # a reply
+        {"op": "have", "rid": 1, "file_id": FID, "runs": [[0, 1]], "x": {"a": [1, 2]}},
+        {"op": "have", "rid": 1, "file_id": FID, "runs": [[0, 1, 2]]},
+        {"op": "have", "rid": 1, "file_id": FID, "runs": [[0, [1]]]},
+        {"op": "have", "rid": 1, "file_id": FID, "runs": [[0, 1.0]]},
+        {"op": "have", "rid": 1, "file_id": [FID], "runs": []},
+        {"rid": 1, "op": "get", "name": "../x", "known_file_id": None},
+        {"op": "get", "rid": 1, "name": "a\u202eb", "known_file_id": None},  # bidi control
+    ],
+    ids=repr,
+)
+def test_the_streaming_reader_refuses_bad_shapes(header: dict[str, Any], always_stream: None) -> None:
+    with pytest.raises(MalformedMessage):
+        protocol.decode_request([pack(header)])
+
+
+def test_duplicate_keys_and_trailing_bytes_are_refused_when_streaming(always_stream: None) -> None:
+    dup = raw_map([(p("op"), p("ping")), (p("rid"), p(1)), (p("rid"), p(2))])
+    with pytest.raises(MalformedMessage, match=r"duplicate|keys"):
+        protocol.decode_request([dup])
+    with pytest.raises(MalformedMessage, match="trailing"):
+        protocol.decode_request([encode(Ping(1))[0] + b"\x00"])
+    with pytest.raises(MalformedMessage):
+        protocol.decode_request([raw_map([(p("op"), p("ping")), (p("rid"), b"\xd4\x01\x00")])])  # ext
+
+
+def test_each_op_has_its_frame_limit_checked_before_decoding() -> None:
+    padded = {"op": "ping", "rid": 7, "pad": "x" * 5000}
+    with pytest.raises(MalformedMessage, match="exceeds the 1024"):
+        protocol.decode_request([pack(padded)])
+    big_get = pack({"op": "get", "rid": 7, "name": "n" * 1024, "known_file_id": None, "x": b"y" * 8000})
+    with pytest.raises(MalformedMessage, match="exceeds the 8192"):
+        protocol.decode_request([big_get])
+    # A frame of 700 KB of empty lists is refused at its first wrong byte: fast, nothing built.
+    bomb = pack({"op": "have", "rid": 5, "file_id": FID, "runs": [[]] * 700_000})
+    assert len(bomb) > protocol.STREAM_DECODE_BYTES
+    with pytest.raises(MalformedMessage, match="more than 65536"):
+        protocol.decode_request([bomb])
+    bomb = pack({"op": "have", "rid": 5, "file_id": FID, "runs": [[]] * 60_000})
+    with pytest.raises(MalformedMessage, match="run is not"):
+        protocol.decode_request([bomb])
+    assert protocol.rid_of([bomb]) == 5  # found without decoding the runs
+    with pytest.raises(MalformedMessage, match="exceeds 1048576"):
+        protocol.decode_request([b"\x90" * (protocol.MAX_REQUEST_BYTES + 1)])
+
+
+def test_register_and_have_sizes_agree_with_the_spec() -> None:
+    runs = tuple((3 * i, 2) for i in range(protocol.MAX_REQUEST_RUNS))
+    have = Have(1, FID, runs)
+    assert len(encode(have)[0]) <= protocol.RUNS_REQUEST_MAX_BYTES
+    assert protocol.decode_request(encode(have)) == have
+    with pytest.raises(MalformedMessage):
+        encode(Have(1, FID, (*runs, (10**6, 1))))
+    split = (Holding(FID, runs[:40_000]), Holding(FID2, runs[40_000:]))
+    register = Register(1, "p", EP, split)
+    assert protocol.decode_request(encode(register)) == register
+    with pytest.raises(MalformedMessage, match="runs in all"):
+        encode(Register(1, "p", EP, (*split, Holding(FID, ((0, 1),)))))
+    too_many = tuple(Holding(i.to_bytes(4, "big") * 8, ()) for i in range(protocol.MAX_HOLDINGS + 1))
+    with pytest.raises(MalformedMessage, match="more than 65536"):
+        encode(Register(1, "p", EP, too_many))
+
+
+def test_heartbeat_needs_a_token_and_a_sequence() -> None:
+    with pytest.raises(MalformedMessage):
+        decode([pack({"op": "hb", "name": "p", "up_bps": 0})])
+    with pytest.raises(MalformedMessage):
+        decode([pack({"op": "hb", "name": "p", "token": TOK[:8], "seq": 1, "up_bps": 0})])
+    with pytest.raises(MalformedMessage):
+        decode([pack({"op": "hb", "name": "p", "token": TOK, "seq": -1, "up_bps": 0})])
+    assert decode([pack({"op": "hb", "name": "p", "token": TOK, "seq": 0, "up_bps": 0})]) == Heartbeat(
+        "p", TOK, 0
+    )
+
+
+def test_source_keys_and_pong_rechecks() -> None:
+    with pytest.raises(MalformedMessage):
+        decode(mutate(FINFO, ["sources", 0, "public_key"], b"\x01" * 31))
+    back = decode(encode(FINFO))
+    assert back.sources[0].public_key == KEY and back.sources[1].public_key is None  # type: ignore[attr-defined]
+    with pytest.raises(MalformedMessage):
+        encode(Pong(1, 1, True, tuple([FID] * (protocol.MAX_RECHECK + 1))))

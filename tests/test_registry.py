@@ -254,10 +254,10 @@ def test_report_bad_without_strike_only_drops_the_claim() -> None:
 def test_report_bad_strikes_and_benches_after_the_limit() -> None:
     r = reg(strike_limit=3, strike_window_s=60.0, bench_s=30.0)
     r.register("a", b"ra", ep(1), [(F1, [(0, 10)])], now=0.0)
-    assert r.report_bad("a", F1, [(0, 1)], "checksum mismatch", now=1.0) is False
-    assert r.report_bad("a", F1, [(1, 1)], "checksum mismatch", now=2.0) is False
+    assert r.report_bad("a", F1, [(0, 1)], "checksum mismatch", now=1.0, reporter="x") is False
+    assert r.report_bad("a", F1, [(1, 1)], "checksum mismatch", now=2.0, reporter="y") is False
     assert names(r.holders(F1, now=2.0)) == ["a"]
-    assert r.report_bad("a", F1, [(2, 1)], "malformed reply", now=3.0) is True
+    assert r.report_bad("a", F1, [(2, 1)], "malformed reply", now=3.0, reporter="z") is True
     rec = r.peers["a"]
     assert rec.benched_until == 33.0
     assert rec.bench_reason == "malformed reply"
@@ -265,7 +265,7 @@ def test_report_bad_strikes_and_benches_after_the_limit() -> None:
     assert r.holders(F1, now=3.0) == []
     assert r.holders(F1, now=32.9) == []
     # benched again while benched: no new bench, no extension
-    assert r.report_bad("a", F1, [(3, 1)], "checksum mismatch", now=10.0) is False
+    assert r.report_bad("a", F1, [(3, 1)], "checksum mismatch", now=10.0, reporter="w") is False
     assert rec.benched_until == 33.0
     # un-benched after bench_s
     assert names(r.holders(F1, now=33.0)) == ["a"]
@@ -274,12 +274,12 @@ def test_report_bad_strikes_and_benches_after_the_limit() -> None:
 def test_strikes_outside_the_window_do_not_count() -> None:
     r = reg(strike_limit=3, strike_window_s=10.0, bench_s=5.0)
     r.register("a", b"ra", ep(1), [(F1, [(0, 100)])], now=0.0)
-    assert r.report_bad("a", F1, [(0, 1)], "bad", now=0.0) is False
-    assert r.report_bad("a", F1, [(1, 1)], "bad", now=5.0) is False
+    assert r.report_bad("a", F1, [(0, 1)], "bad", now=0.0, reporter="x") is False
+    assert r.report_bad("a", F1, [(1, 1)], "bad", now=5.0, reporter="y") is False
     # the strike at t=0 is exactly window old at t=10: it no longer counts
-    assert r.report_bad("a", F1, [(2, 1)], "bad", now=10.0) is False
-    assert r.peers["a"].strikes == [5.0, 10.0]
-    assert r.report_bad("a", F1, [(3, 1)], "bad", now=14.9) is True
+    assert r.report_bad("a", F1, [(2, 1)], "bad", now=10.0, reporter="z") is False
+    assert r.peers["a"].strikes == [(5.0, "y"), (10.0, "z")]
+    assert r.report_bad("a", F1, [(3, 1)], "bad", now=14.9, reporter="x") is True
     assert r.peers["a"].benched_until == pytest.approx(19.9)
 
 
@@ -291,12 +291,12 @@ def test_report_bad_on_unknown_peer() -> None:
 def test_strikes_and_bench_survive_reregistration() -> None:
     r = reg(strike_limit=2, bench_s=30.0)
     r.register("a", b"ra", ep(1), [(F1, [(0, 10)])], now=0.0)
-    r.report_bad("a", F1, [(0, 1)], "bad", now=1.0)
-    assert r.report_bad("a", F1, [(1, 1)], "bad", now=2.0) is True
+    r.report_bad("a", F1, [(0, 1)], "bad", now=1.0, reporter="x")
+    assert r.report_bad("a", F1, [(1, 1)], "bad", now=2.0, reporter="y") is True
     r.register("a", b"ra", ep(1), [(F1, [(0, 10)])], now=3.0)  # restarting must not clear them
     rec = r.peers["a"]
     assert rec.benched_until == 32.0
-    assert rec.strikes == [1.0, 2.0]
+    assert rec.strikes == [(1.0, "x"), (2.0, "y")]
     assert rec.bench_reason == "bad"
     assert r.holders(F1, now=4.0) == []
     assert names(r.holders(F1, now=32.0)) == ["a"]
@@ -379,16 +379,18 @@ def test_progress_keeps_a_downloader_active_and_silence_ends_it() -> None:
     assert active_names(r, F1, 3.1) == [(0, "a"), (1, "b")]
 
 
-def test_a_complete_downloader_keeps_its_place_until_it_leaves() -> None:
+def test_a_complete_downloader_keeps_its_place_while_its_crowd_downloads() -> None:
     r = reg()
-    r.register("a", b"ra", ep(1), [], now=0.0)
-    r.register("b", b"rb", ep(2), [], now=0.0)
-    r.note_active("a", F1, 0.0)
-    r.note_active("b", F1, 0.0)
+    for name in "abc":
+        r.register(name, name.encode(), ep(ord(name)), [], now=0.0)
+        r.note_active(name, F1, 0.0)
     r.add_runs("a", F1, [(0, 100)])
-    assert active_names(r, F1, 50.0, segments=100) == [(0, "a")]  # complete: stays; b idle: gone
-    r.remove("a")
-    assert active_names(r, F1, 50.0) == []
+    r.add_runs("c", F1, [(0, 100)])
+    # idle for 3 s (idle_s 2): the incomplete one is gone, the complete ones stay...
+    assert active_names(r, F1, 3.0, segments=100) == [(0, "a"), (2, "c")]
+    r.remove("c")
+    assert active_names(r, F1, 3.6, segments=100) == [(0, "a")]  # ...until they leave...
+    assert active_names(r, F1, 50.0, segments=100) == []  # ...or the grace is over
 
 
 def test_a_freed_position_goes_to_the_next_downloader() -> None:
@@ -422,3 +424,108 @@ def test_a_benched_downloader_is_left_out_of_the_trees() -> None:
     r.note_active("b", F1, 0.0)
     assert r.report_bad("a", F1, [(0, 1)], "checksum mismatch", now=0.5)
     assert active_names(r, F1, 0.5) == [(1, "b")]
+
+
+# ---- identity (issue 9): strikes per reporter, planned runs, heartbeats, bulk changes
+
+
+def test_one_reporter_alone_cannot_bench() -> None:
+    r = reg(strike_limit=3, bench_s=30.0)
+    r.register("a", b"ra", ep(1), [(F1, [(0, 100)])], now=0.0)
+    for i in range(10):  # however many reports
+        assert r.report_bad("a", F1, [(i, 1)], "checksum", now=1.0 + i, reporter="mallory") is False
+    assert r.strikes_of(r.peers["a"]) == 2
+    assert r.peers["a"].benched_until == 0.0
+    assert r.report_bad("a", F1, [(20, 1)], "checksum", now=12.0, reporter="honest") is True
+
+
+def test_strike_limit_one_benches_at_once() -> None:
+    r = reg(strike_limit=1, bench_s=30.0)
+    r.register("a", b"ra", ep(1), [(F1, [(0, 10)])], now=0.0)
+    assert r.report_bad("a", F1, [(0, 1)], "checksum", now=1.0, reporter="x") is True
+
+
+def test_a_refusal_asks_the_accused_to_recheck() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [(F1, [(0, 10)]), (F2, [(0, 3)])], now=0.0)
+    r.report_bad("a", F1, [(2, 3)], "refused", now=1.0, strike=False, reporter="x")
+    r.report_bad("a", F2, [(0, 1)], "refused", now=1.0, strike=False, reporter="x")
+    r.report_bad("a", F1, [(5, 1)], "refused", now=1.0, strike=False, reporter="y")
+    assert r.take_recheck("a") == (F2, F1)
+    assert r.take_recheck("a") == ()
+    assert r.take_recheck("nobody") == ()
+
+
+def test_planned_runs_are_remembered_per_reporter_and_bounded() -> None:
+    r = reg()
+    r.register("d", b"rd", ep(1), [], now=0.0)
+    r.note_planned_runs("d", F1, {"a": [(0, 64), (128, 64)], "b": [(64, 64)]}, now=1.0)
+    assert r.planned_runs("d", F1, "a", [(0, 200)], now=2.0) == [(0, 64), (128, 64)]
+    assert r.planned_runs("d", F1, "b", [(60, 10)], now=2.0) == [(64, 6)]
+    assert r.planned_runs("d", F1, "c", [(0, 10)], now=2.0) == []
+    assert r.planned_runs("d", F2, "a", [(0, 10)], now=2.0) == []
+    assert r.planned_runs("x", F1, "a", [(0, 10)], now=2.0) == []
+    # a replan adds to what was planned
+    r.note_planned_runs("d", F1, {"a": [(64, 64)]}, now=3.0)
+    assert r.planned_runs("d", F1, "a", [(0, 200)], now=3.0) == [(0, 192)]
+    # too old: forgotten
+    assert r.planned_runs("d", F1, "a", [(0, 10)], now=3.0 + 121.0) == []
+    # at most MAX_PLANNED_FILES files per reporter, the oldest dropped
+    for i in range(40):
+        r.note_planned_runs("d", bytes([i]) * 32, {"a": [(0, 1)]}, now=4.0 + i)
+    assert len(r.peers["d"].plans) == 16
+    # at most MAX_PLANNED_RUNS runs per file
+    r.note_planned_runs("d", F2, {"a": [(2 * i, 1) for i in range(40_000)]}, now=50.0)
+    assert r.peers["d"].plans[F2].runs <= 16_384
+
+
+def test_heartbeat_needs_the_token_a_growing_seq_and_the_key() -> None:
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0, token=b"t" * 16)
+    assert r.heartbeat("a", b"x" * 16, 1, now=1.0) == "token"
+    assert r.heartbeat("nobody", b"t" * 16, 1, now=1.0) == "unknown"
+    assert r.heartbeat("a", b"t" * 16, 1, now=1.0, up_bps=5) is None
+    assert r.peers["a"].last_seen == 1.0 and r.peers["a"].up_bps == 5
+    assert r.heartbeat("a", b"t" * 16, 1, now=2.0) == "replay"
+    assert r.heartbeat("a", b"t" * 16, 0, now=2.0) == "replay"
+    assert r.peers["a"].last_seen == 1.0
+    assert r.heartbeat("a", b"t" * 16, 7, now=3.0) is None
+    r.register("k", b"rk", ep(2), [], now=0.0, token=b"u" * 16, key=b"K" * 32)
+    assert r.heartbeat("k", b"u" * 16, 1, now=1.0) == "key"
+    assert r.heartbeat("k", b"u" * 16, 1, now=1.0, key=b"M" * 32) == "key"
+    assert r.heartbeat("k", b"u" * 16, 1, now=1.0, key=b"K" * 32) is None
+
+
+def test_bulk_changes_match_run_by_run_changes() -> None:
+    import random
+
+    rng = random.Random(3)
+    for _ in range(20):
+        r = reg()
+        base = [(rng.randrange(0, 5000), rng.randrange(1, 40)) for _ in range(rng.randrange(0, 300))]
+        adds = [(rng.randrange(0, 5000), rng.randrange(1, 40)) for _ in range(rng.randrange(65, 300))]
+        removes = [(rng.randrange(0, 5000), rng.randrange(1, 40)) for _ in range(rng.randrange(65, 300))]
+        r.register("a", b"ra", ep(1), [(F1, base)], now=0.0)
+        r.add_runs("a", F1, adds)
+        expected = SegmentSet(base)
+        for first, count in adds:
+            expected.add(first, count)
+        assert r.holdings_of("a", F1) == expected
+        assert r.holders(F1, now=0.0)[0].segments == expected  # the by-file view follows
+        r.remove_runs("a", F1, removes)
+        for first, count in removes:
+            expected.remove(first, count)
+        assert r.holdings_of("a", F1) == expected
+        assert r.holders(F1, now=0.0)[0].segments == expected if expected else True
+
+
+def test_a_register_of_65536_runs_in_reverse_order_is_cheap() -> None:
+    import time
+
+    r = reg()
+    runs = [(3 * i, 2) for i in range(65_536)][::-1]
+    start = time.perf_counter()
+    r.register("a", b"ra", ep(1), [(F1, runs)], now=0.0)
+    r.remove_runs("a", F1, runs[::2])
+    assert time.perf_counter() - start < 1.0
+    assert r.holdings_of("a", F1).run_count() == 32_768
