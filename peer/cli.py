@@ -313,6 +313,9 @@ def run_prompt(peer: Peer, as_json: bool) -> int:
         except ImportError:
             pass
         print(f"peer {peer.name} serving at {peer.serve_endpoint}; 'help' lists commands", flush=True)
+        # The first prompt waits for the registration (or its timeout): its log line, written
+        # by another thread, must not race the prompt's first drawing.
+        peer.wait_registered(peer.config.broker_timeout_s)
     else:
         print(json.dumps({"event": "ready", "name": peer.name, "serve": peer.serve_endpoint}), flush=True)
     bar = interactive and sys.stderr.isatty()
