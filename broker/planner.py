@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from broker.registry import Holder
+from common.protocol import SourceReason
 from common.ranges import Run, SegmentSet
 
 BROKER_SOURCE = "broker"
@@ -45,7 +46,7 @@ class PlannedSource:
     name: str
     endpoint: str
     runs: tuple[Run, ...] | None  # None: holds every segment
-
+    why: SourceReason = SourceReason.ORIGIN
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -58,6 +59,13 @@ class Plan:
         for _, count, index in self.entries:
             name = self.sources[index].name
             counts[name] = counts.get(name, 0) + count
+        return counts
+
+    def segments_by_reason(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _, count, index in self.entries:
+            why = str(self.sources[index].why)
+            counts[why] = counts.get(why, 0) + count
         return counts
 
 
@@ -164,9 +172,11 @@ def plan_download(
     relay_sources: list[Holder] = []
     relay_index: dict[str, int] = {}
     promised: dict[str, SegmentSet] = {}
+    relay_why: dict[str, SourceReason] = {}
     relayed = 0
 
-    def relay_source(h: Holder) -> int:
+    def relay_source(h: Holder, why: SourceReason) -> int:
+        relay_why.setdefault(h.name, why)
         if h.name not in relay_index:
             relay_index[h.name] = len(holders) + len(relay_sources)
             relay_sources.append(h)
@@ -178,7 +188,7 @@ def plan_download(
         assert relay is not None
         parent = relay.parents[number % relay.stripes]
         if parent is not None:
-            index = relay_source(parent)
+            index = relay_source(parent, SourceReason.RELAY)
             promised[parent.name].add(first, count)
             tree(first, count, index)
             return count
@@ -203,7 +213,7 @@ def plan_download(
                 tree(pos, next_held - pos, broker_index)
                 pos = next_held
                 continue
-            tree(pos, best_len, relay_source(best))
+            tree(pos, best_len, relay_source(best, SourceReason.HOLDER))
             relayed_here += best_len
             pos += best_len
         return relayed_here
@@ -258,7 +268,12 @@ def plan_download(
     blocks.sort()
     sources = (
         *tuple(
-            PlannedSource(h.name, h.endpoint, None if i in complete_set else tuple(h.segments.runs()))
+            PlannedSource(
+                h.name,
+                h.endpoint,
+                None if i in complete_set else tuple(h.segments.runs()),
+                SourceReason.COMPLETE if i in complete_set else SourceReason.PARTIAL,
+            )
             for i, h in enumerate(holders)
         ),
         *tuple(
@@ -268,6 +283,7 @@ def plan_download(
                 h.name,
                 h.endpoint,
                 None if h.segments.covers(0, segment_count) else tuple(promised[h.name].runs()),
+                relay_why[h.name],
             )
             for h in relay_sources
         ),

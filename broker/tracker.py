@@ -167,7 +167,7 @@ class TrackerMetrics:
             "bad_source_reports_ignored_total", "bad_source reports about runs never planned from that source"
         )
         self.segments_planned = metrics.counter(
-            "segments_planned_total", "segments planned, by kind of source", ("source",)
+            "segments_planned_total", "segments planned, by why their source was chosen", ("why",)
         )
         self.segments_relayed = metrics.counter(
             "segments_relayed_total", "segments planned from a relay-tree parent not yet holding them"
@@ -398,7 +398,8 @@ class Tracker:
         )
         for name, count in plan.segments_by_source().items():
             self.registry.note_planned(name, count, now)
-            self.m.segments_planned.inc(count, labels=("broker" if name == "broker" else "peer",))
+        for why, count in plan.segments_by_reason().items():
+            self.m.segments_planned.inc(count, labels=(why,))
         if plan.relayed:
             self.m.segments_relayed.inc(plan.relayed)
         if peer is not None:
@@ -498,7 +499,7 @@ class Tracker:
             else:
                 record = self.registry.peers.get(src.name)
                 key = record.key if record is not None else None
-            out.append(Source(src.name, src.endpoint, src.runs, key))
+            out.append(Source(src.name, src.endpoint, src.runs, key, src.why))
         return tuple(out)
 
     def _note_plan(

@@ -522,6 +522,16 @@ class Holding:
     SCHEMA: ClassVar[dict[str, Field[Any]]] = {"file_id": FILE_ID, "runs": REQUEST_RUNS}
 
 
+class SourceReason(enum.StrEnum):
+    """Why a plan names a source (`Source.why`): plans explain themselves."""
+
+    COMPLETE = "complete"  # holds the whole file; the least loaded of the copies
+    PARTIAL = "partial"  # holds the planned segments, not the whole file
+    RELAY = "relay"  # the requester's parent in a relay tree: passes a stripe on as it arrives
+    HOLDER = "holder"  # another downloader that already holds what the requester's stripe needs
+    ORIGIN = "origin"  # the broker: nobody else has these segments
+
+
 @dataclass(frozen=True, slots=True)
 class Source:
     """A place to fetch segments from: a peer, or the broker (runs = None: it holds everything)."""
@@ -532,11 +542,13 @@ class Source:
     # Its CURVE public key (raw 32 bytes) when the swarm runs authenticated: a downloader connects
     # to `endpoint` as a CURVE client of this key, so it talks to that source and nobody else.
     public_key: bytes | None = None
+    why: str = SourceReason.ORIGIN  # why the plan names it
     SCHEMA: ClassVar[dict[str, Field[Any]]] = {
         "name": SOURCE_NAME,
         "endpoint": ENDPOINT,
         "runs": Opt(RUNS),
         "public_key": Opt(PUBLIC_KEY),
+        "why": Choice(SourceReason),
     }
 
 

@@ -122,6 +122,10 @@ class GetResult:
     seconds: float
     sources: dict[str, int]  # source -> number of segments ("broker", a peer, or "local")
     source_runs: dict[str, list[Run]]  # source -> the runs of segments it delivered
+    # source -> why the broker's plans named it (common.protocol.SourceReason: complete, partial,
+    # relay, holder, origin); "local" for what was held before, "moved" for work taken from a
+    # slower source or an endgame copy
+    source_reasons: dict[str, str] = field(default_factory=dict)
 
     @property
     def segment_sources(self) -> list[str]:
@@ -350,6 +354,7 @@ class Transfer:
     _dirty: bool = True
     _due: float = -math.inf
     _target_s: float = 0.05  # the request target of the moment (see TransferSettings)
+    _reasons: dict[str, str] = field(default_factory=dict)  # source -> why the first plan naming it did
     _fetch_started: float = -1.0
     # How a manifest from the wire is built: the in-memory swarm passes a subclass that checks
     # simulated payloads instead of hashing them (everything else is the same code).
@@ -458,6 +463,10 @@ class Transfer:
             seconds=now - self.started,
             sources=download.source_counts(),
             source_runs=download.source_runs(),
+            source_reasons={
+                name: self._reasons.get(name, "local" if name == LOCAL else "moved")
+                for name in download.source_counts()
+            },
         )
         return [Completed(self.result)]
 
@@ -725,6 +734,8 @@ class Transfer:
         sources = [
             (s.name, s.endpoint, None if s.runs is None else SegmentSet(s.runs)) for s in reply.sources
         ]
+        for source in reply.sources:
+            self._reasons.setdefault(source.name, str(source.why))
         queued_before = download.queued()
         download.replan(sources, list(reply.plan))
         # A plan that brought work may be followed by the next one at once; one that brought

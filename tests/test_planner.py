@@ -376,6 +376,11 @@ def test_relay_plans_what_no_holder_has_from_the_parents_in_ascending_order() ->
     firsts = [first for first, _, _ in plan.entries]
     assert firsts == sorted(firsts)
     assert plan.relayed == sum(1 for i in got.values() if i != BROKER_SOURCE)
+    # plans explain themselves: parents are relays, the broker the origin
+    assert {str(src.why) for src in plan.sources[:-1]} == {"relay"}
+    assert plan.sources[-1].why == "origin"
+    assert set(plan.segments_by_reason()) <= {"relay", "origin"}
+    assert sum(plan.segments_by_reason().values()) == len(need)
     # a parent is listed with what it will hold for this download, not as a complete copy
     for source in plan.sources[:-1]:
         assert source.runs is not None
@@ -390,6 +395,9 @@ def test_a_root_takes_what_another_downloader_already_holds_before_the_origin() 
     assert relay is not None and relay.parents[0] is None
     plan = plan_download(n, SegmentSet.full(n), [], ORIGIN, block=block, relay=relay)
     got = assignment(plan)
+    assert {str(src.why) for src in plan.sources} == {"holder", "origin"} or {
+        str(src.why) for src in plan.sources
+    } == {"relay", "origin"}  # d1 is listed once, with the reason of its first use
     assert {got[i] for i in range(0, 64)} == {"d1"}
     assert {got[i] for i in range(128, 192)} == {BROKER_SOURCE}
     assert {got[i] for i in range(64, 128)} == {"d1"}  # stripe 1: its parent d1 relays
@@ -402,6 +410,7 @@ def test_holders_come_before_the_relay_trees() -> None:
     plan = plan_download(n, SegmentSet.full(n), [seed], ORIGIN, block=block, relay=relay)
     assert set(assignment(plan).values()) == {"seed"}
     assert plan.relayed == 0
+    assert plan.sources[0].why == "complete" and plan.segments_by_reason() == {"complete": n}
 
 
 @pytest.mark.parametrize("seed", range(20))

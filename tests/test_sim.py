@@ -62,8 +62,13 @@ def test_acceptance_scenario() -> None:
     from_broker = SegmentSet(result.source_runs["broker"])
     assert from_broker == SegmentSet(lost)  # the damaged segments from the broker...
     assert result.sources["peer1"] == b.segment_count - len(from_broker)  # ...the rest from peer 1
-    sources = get(sw, p3, "a.bin")  # peers 1 and 2 hold A
-    assert set(sources) == {"peer1", "peer2"} and sum(sources.values()) == a.segment_count
+    future = p3.get("a.bin")  # peers 1 and 2 hold A
+    assert sw.run_until_done("a.bin", [p3], 60)
+    result = future.result(0)
+    assert set(result.sources) == {"peer1", "peer2"} and sum(result.sources.values()) == a.segment_count
+    # the result says why each source was used (plans explain themselves)
+    assert set(result.source_reasons) == set(result.sources)
+    assert set(result.source_reasons.values()) <= {"complete", "partial", "relay", "holder", "moved"}
     for peer, manifest in ((p1, a), (p2, a), (p2, b), (p3, a)):
         assert peer.held[manifest.file_id] == SegmentSet.full(manifest.segment_count)
 
