@@ -56,7 +56,7 @@ from bench._util import (
     workdir,
 )
 from common import protocol
-from common.protocol import FileInfo, Files, Get, Holding, ListFiles, Register, Registered
+from common.protocol import Bye, FileInfo, Files, Get, Holding, ListFiles, Register, Registered
 
 MIX_NAME = "mix.bin"
 BIG_NAME = "big.bin"
@@ -256,6 +256,11 @@ def get_latency(tracker: str, name: str, file_id: bytes, gets: int, with_digests
             "gets": len(rtt),
         }
     finally:
+        # Say bye, so that the next case's requester may take the name at once (a name stays
+        # taken while its holder lives).
+        sock.send_multipart(protocol.encode(Bye(1_000_000)))
+        if sock.poll(2_000):
+            sock.recv_multipart()
         sock.close(linger=0)
         ctx.term()
 

@@ -12,6 +12,7 @@ import logging
 import pytest
 
 from common.manifest import SEGMENT_SIZE
+from common.protocol import FileInfo, Get
 from common.ranges import SegmentSet
 from peer.transfer import TransferSettings
 from sim.swarm import SimPeer, SimSettings, SimSwarm
@@ -75,7 +76,9 @@ def test_acceptance_scenario() -> None:
 
 def test_a_crowd_gets_one_origin_copy_through_relay_trees() -> None:
     sw = swarm()
-    f = sw.add_file("f.bin", 8 * 1024 * 1024)
+    # 16 blocks: the origin may send a block twice to break a wait cycle between plans made
+    # while the crowd joins (see the next test), one block in 16 here
+    f = sw.add_file("f.bin", 16 * 1024 * 1024)
     peers = [sw.add_peer(f"p{i}", 20 * MBIT) for i in range(1, 17)]
     sw.run(1.0)
     for p in peers:
@@ -85,6 +88,30 @@ def test_a_crowd_gets_one_origin_copy_through_relay_trees() -> None:
     assert sw.origin_copies(f) <= 1.1  # the origin sends each block about once
     relayed = sum(p.metrics.snapshot().total("segments_received_total") for p in peers)
     assert relayed >= 16 * f.segment_count  # everyone got everything, nearly all from peers
+
+
+def test_plans_made_on_different_trees_never_send_two_downloaders_to_each_other() -> None:
+    """While downloaders join, each GET sees a different tree (the stripe count grows with them):
+    a plan must not send a downloader to a parent that an earlier plan sent to it for the same
+    segments, or both answer `later` to each other until LATER_LIMIT_S (seen on loopback as a
+    5 s stall at the end of a 4-peer swarm)."""
+    sw = swarm()
+    sw.add_file("f.bin", 8 * 64 * SEGMENT_SIZE)  # 8 blocks of 64 segments
+    p0, p1, p2 = (sw.add_peer(f"p{i}", 100 * MBIT) for i in range(3))
+    sw.run(1.0)
+
+    def plan_of(peer: SimPeer) -> dict[int, str]:
+        [(_, reply)] = sw.tracker.on_request(Get(1, "f.bin"), peer.routing_id, sw.clock.now)
+        assert isinstance(reply, FileInfo)
+        return {first // 64: reply.sources[i].name for first, _, i in reply.plan}
+
+    plan_of(p0)  # alone: everything from the origin
+    plan_of(p1)  # two stripes
+    assert plan_of(p0)[3] == "p1"  # two stripes: block 3 is stripe 1, rooted at p1
+    plan_of(p2)  # three stripes
+    again = plan_of(p1)  # block 3 is stripe 0 now, rooted at p0, which awaits it from p1
+    assert again[3] == "broker"
+    assert again[0] == "p0"  # what p0 does not await from p1 still comes from p0, its parent
 
 
 def test_a_killed_source_is_timed_out_and_evicted_and_the_download_completes() -> None:
