@@ -48,6 +48,7 @@ class PlannedSource:
     runs: tuple[Run, ...] | None  # None: holds every segment
     why: SourceReason = SourceReason.ORIGIN
 
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     sources: tuple[PlannedSource, ...]
