@@ -76,15 +76,11 @@ class Relay:
 
     `parents[s]`: the downloader it fetches stripe s from, or None where it is the root (it asks
     a downloader that holds the block, else the origin). `downloaders`: the other active
-    downloaders, whose holdings a root may use. `awaiting(parent, first, count)`: the parts of a
-    run that `parent` was told to fetch from the requester itself and does not hold yet (a plan
-    made on an earlier tree, while downloaders were still joining): those must not come from
-    that parent, or each would wait for the other (`later`) until LATER_LIMIT_S."""
+    downloaders, whose holdings a root may use."""
 
     stripes: int
     parents: tuple[Holder | None, ...]
     downloaders: tuple[Holder, ...]
-    awaiting: Callable[[str, int, int], list[Run]] | None = None
 
 
 class RelayTrees:
@@ -193,22 +189,10 @@ def plan_download(
         assert relay is not None
         parent = relay.parents[number % relay.stripes]
         if parent is not None:
-            waits = relay.awaiting(parent.name, first, count) if relay.awaiting is not None else []
             index = relay_source(parent, SourceReason.RELAY)
-            if not waits:
-                promised[parent.name].add(first, count)
-                tree(first, count, index)
-                return count
-            # A cycle in the making: what the parent awaits from the requester comes from the
-            # origin, the rest from the parent.
-            rest = SegmentSet([(first, count)])
-            for wait_first, wait_count in waits:
-                rest.remove(wait_first, wait_count)
-                tree(wait_first, wait_count, broker_index)
-            for rest_first, rest_count in rest.runs():
-                promised[parent.name].add(rest_first, rest_count)
-                tree(rest_first, rest_count, index)
-            return len(rest)
+            promised[parent.name].add(first, count)
+            tree(first, count, index)
+            return count
         # The root: what another downloader holds already comes from it, the rest from the origin.
         relayed_here = 0
         pos, end = first, first + count

@@ -453,18 +453,7 @@ class Tracker:
         if None in names:
             holders = (self.registry.holder(n, file_id, now) for n in trees.orders[0] if n != peer)
             others = tuple(h for h in holders if h is not None)
-
-        def awaiting(parent: str, first: int, count: int) -> list[Run]:
-            # Plans are made on the tree of their moment: while downloaders join, an earlier
-            # plan may have sent the parent to this requester for the same run.
-            planned = self.registry.planned_runs(parent, file_id, peer, [(first, count)], now)
-            if not planned:
-                return []
-            waits = SegmentSet(planned)
-            waits.difference_update(self.registry.holdings_of(parent, file_id))
-            return waits.runs()
-
-        return Relay(trees.stripes, parents, others, awaiting)
+        return Relay(trees.stripes, parents, others)
 
     def _candidates(
         self, manifest: Manifest, now: float, requester: str | None, skip: frozenset[str] = frozenset()

@@ -72,6 +72,7 @@ class Request:
     deadline: float = 0.0
     nbytes: int = 0
     duplicate: bool = False  # an endgame copy of a run already asked elsewhere
+    plan: int = 0  # the plan it was asked under (Download.plans when it was made)
 
     @property
     def run(self) -> Run:
@@ -146,6 +147,7 @@ class Download:
         self.stuck: list[int] = []
         self.last_request: Request | None = None  # the one `take` made last
         self.later_since: dict[tuple[str, int], float] = {}  # (source, first segment) -> first `later`
+        self.plans = 0  # plans adopted so far
         for first, count in held.runs():
             self.state[first : first + count] = _DONE_BYTE * count
             self.done += count
@@ -158,6 +160,7 @@ class Download:
         self, sources: list[tuple[str, str, SegmentSet | None]], plan: list[tuple[int, int, int]]
     ) -> None:
         """Adopt a plan: sources as (name, endpoint, holdings or None) and (first, count, source)."""
+        self.plans += 1
         known = self.sources
         fresh: dict[str, SourceState] = {}
         for name, endpoint, holds in sources:
@@ -245,7 +248,7 @@ class Download:
         return None
 
     def _ask(self, source: SourceState, first: int, count: int, duplicate: bool = False) -> Request:
-        request = Request(source.name, first, count, duplicate=duplicate)
+        request = Request(source.name, first, count, duplicate=duplicate, plan=self.plans)
         source.requests.append(request)
         out = self.outstanding
         out[first : first + count] = out[first : first + count].translate(_PLUS_ONE)
@@ -391,18 +394,26 @@ class Download:
             for first, count in runs:
                 source.holds.remove(first, count)
 
-    def on_later(self, source_name: str, runs: list[Run], now: float, limit_s: float) -> None:
+    def on_later(
+        self, source_name: str, runs: list[Run], now: float, limit_s: float, asked_under: int | None = None
+    ) -> None:
         """The source is fetching these segments itself (a relay parent): they go back to the
-        front of its queue, as they were planned; no blame. A segment still `later` at the same
-        source after `limit_s` is taken elsewhere (two relays waiting on each other, from plans
-        made at different moments, must not wait for ever)."""
+        front of its queue, as they were planned; no blame. Unless they were asked under an
+        older plan (`asked_under`): then they wait for the next plan, which places them on the
+        tree of now. Relays waiting on each other in a cycle hold requests made under plans of
+        different trees, and a request parked at a relay is in flight during every replan, so
+        without this it would be asked of the same relay again and again. A segment still
+        `later` at the same source after `limit_s` is taken elsewhere all the same."""
         for first, count in runs:
             self.on_reply(source_name, first, count)
         source = self.sources.get(source_name)
+        stale = asked_under is not None and asked_under != self.plans
         for first, count in reversed(runs):
             for run_first, run_count in reversed(self._pending_runs(first, count)):
                 self.state[run_first : run_first + run_count] = bytes(run_count)  # MISSING
                 self.pending -= run_count
+                if stale:
+                    continue  # deferred: the next plan decides
                 since = self.later_since.setdefault((source_name, run_first), now)
                 if source is not None and not source.dead and now - since < limit_s:
                     source.push_front((run_first, run_count))

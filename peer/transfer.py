@@ -546,8 +546,9 @@ class Transfer:
             return self._bad(source, [request.run], BadReason.LENGTH)
         commands: list[Command] = []
         if later:
-            # A relay parent still fetching them: ask it again, nobody is to blame.
-            download.on_later(source, later.runs(), now, LATER_LIMIT_S)
+            # A relay parent still fetching them: ask it again (or, asked under an older plan,
+            # leave them to the next one), nobody is to blame.
+            download.on_later(source, later.runs(), now, LATER_LIMIT_S, asked_under=request.plan)
         if missing:
             download.on_refused(source, missing.runs())
             commands += self._bad(source, missing.runs(), BadReason.REFUSED)

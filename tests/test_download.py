@@ -739,3 +739,42 @@ def test_reply_times_adapt_the_timeout_with_the_floor_kept() -> None:
         slow.sample(3.0)  # a loaded one: waited for, not given up on
     assert 3.0 < slow.timeout(2.0) <= 60.0
     assert slow.patience(2.0) == pytest.approx(6.0, rel=0.01)
+
+
+# --------------------------------------------------------------------------- later
+
+
+def test_later_under_the_current_plan_asks_the_same_relay_again() -> None:
+    d = Download(128, SegmentSet(), batch=64)
+    d.replan([peer("relay", [(0, 128)]), broker()], [(0, 64, 0), (64, 64, 1)])
+    first = d.take("relay")
+    assert first == (0, 64)
+    request = d.last_request
+    assert request is not None and request.plan == d.plans
+    d.on_later("relay", [(0, 64)], now=1.0, limit_s=5.0, asked_under=request.plan)
+    assert queued(d, "relay") == set(range(64))  # back at the front of the same relay
+    assert states(d, 0, 64) == {SegmentState.MISSING}
+    accounted(d)
+    # ...until it has been `later` there for limit_s: then elsewhere (here the origin)
+    assert d.take("relay") == (0, 64)
+    d.on_later("relay", [(0, 64)], now=6.5, limit_s=5.0, asked_under=d.plans)
+    assert queued(d, "relay") == set() and set(range(64)) <= queued(d, BROKER)
+    accounted(d)
+
+
+def test_later_under_an_older_plan_waits_for_the_next_plan() -> None:
+    d = Download(128, SegmentSet(), batch=64)
+    d.replan([peer("relay", [(0, 128)]), broker()], [(0, 128, 0)])
+    assert d.take("relay") == (0, 64)
+    request = d.last_request
+    assert request is not None
+    # a replan while the request is parked at the relay: the run is PENDING, so no plan has it
+    d.replan([peer("relay", [(0, 128)]), broker()], [(64, 64, 0)])
+    d.on_later("relay", [(0, 64)], now=1.0, limit_s=5.0, asked_under=request.plan)
+    assert not queued(d, "relay") & set(range(64)) and not queued(d, BROKER)
+    assert states(d, 0, 64) == {SegmentState.MISSING}
+    assert d.deferred() == 64  # the next plan places them on the tree of now
+    accounted(d)
+    d.replan([peer("other", [(0, 64)]), broker()], [(0, 64, 0)])
+    assert queued(d, "other") == set(range(64))
+    accounted(d)

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from broker.planner import BROKER_SOURCE, Plan, Relay, plan_download, relay_for
+from broker.planner import BROKER_SOURCE, Plan, plan_download, relay_for
 from broker.registry import Holder
 from common.ranges import Run, SegmentSet
 
@@ -386,30 +386,6 @@ def test_relay_plans_what_no_holder_has_from_the_parents_in_ascending_order() ->
         assert source.runs is not None
         planned = SegmentSet([(f, c) for f, c, i in plan.entries if plan.sources[i].name == source.name])
         assert SegmentSet(source.runs) == planned
-
-
-def test_what_a_parent_awaits_from_the_requester_comes_from_the_origin() -> None:
-    n, block = 64 * 4, 64
-    ds = downloaders(2)
-    relay = relay_for(ds, "d1", 4)  # two stripes: d0 roots stripe 0 (blocks 0 and 2)
-    assert relay is not None and relay.parents[0] is not None and relay.parents[0].name == "d0"
-    calls: list[tuple[str, int, int]] = []
-
-    def awaiting(parent: str, first: int, count: int) -> list[Run]:
-        calls.append((parent, first, count))
-        return [(first + 10, 20)] if first == 0 else []  # d0 awaits 10..29 from d1
-
-    relay = Relay(relay.stripes, relay.parents, relay.downloaders, awaiting)
-    plan = plan_download(n, SegmentSet.full(n), [], ORIGIN, block=block, relay=relay)
-    got = assignment(plan)
-    assert set(got) == set(range(n))
-    assert {got[i] for i in range(10, 30)} == {BROKER_SOURCE}
-    assert {got[i] for i in [*range(0, 10), *range(30, 64), *range(128, 192)]} == {"d0"}
-    assert {got[i] for i in range(64, 128)} == {BROKER_SOURCE}  # stripe 1: d1 is its root
-    # d0 is listed with what it relays to d1, not with what it awaits from d1
-    [d0] = [src for src in plan.sources if src.name == "d0"]
-    assert d0.runs is not None and SegmentSet(d0.runs) == SegmentSet([(0, 10), (30, 34), (128, 64)])
-    assert ("d0", 0, 64) in calls
 
 
 def test_a_root_takes_what_another_downloader_already_holds_before_the_origin() -> None:
