@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from broker.config import BrokerConfig
@@ -26,6 +25,7 @@ from common.cli import (
     finish_control,
     on_sighup,
     run_guarded,
+    say,
     serve_control,
     setup_logging,
     stop_event_on_signals,
@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
                 server = serve_control(control_ops(broker), ready_line(broker), stop)
             return finish_control(server)
         with broker:
-            print(json.dumps(ready_line(broker)), flush=True)
+            say(json.dumps(ready_line(broker)))
             while not stop.wait(0.5):
                 pass
-        print(json.dumps({"event": "stopped"}), file=sys.stdout, flush=True)
+        say(json.dumps({"event": "stopped"}))
         return stop.exit_status()  # 130 after Ctrl-C, 0 after SIGTERM
 
     return run_guarded(body)

@@ -164,7 +164,22 @@ class Console:
                 stream.flush()
 
 
+    def say(self, text: str, stream: Any = None) -> None:
+        """Write one line for the user in one write, under the lock: a log line written by another
+        thread cannot land inside it (with PYTHONUNBUFFERED, print() writes the text and the newline
+        separately)."""
+        out = sys.stdout if stream is None else stream
+        with self._lock:
+            out.write(text + "\n")
+            out.flush()
+
+
 console = Console()
+
+
+def say(text: str = "", stream: Any = None) -> None:
+    """Print one line for the user (see `Console.say`)."""
+    console.say(text, stream)
 
 
 class ConsoleHandler(logging.StreamHandler[TextIO]):
@@ -189,7 +204,7 @@ def setup_logging(level: str) -> None:
 
 
 def fail(message: str, status: int) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    say(f"error: {message}", sys.stderr)
     return status
 
 

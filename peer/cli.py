@@ -45,6 +45,7 @@ from common.cli import (
     console,
     finish_control,
     run_guarded,
+    say,
     serve_control,
     setup_logging,
     stop_event_on_signals,
@@ -197,14 +198,14 @@ def run_get(peer: Peer, name: str, timeout: float, as_json: bool, per_segment: b
     except ZswarmError as exc:
         message = explain(peer, exc)
         if as_json:
-            print(json_error("get", exc, message), flush=True)
+            say(json_error("get", exc, message))
         else:
-            print(f"error: {message}", file=sys.stderr, flush=True)
+            say(f"error: {message}", sys.stderr)
         return EXIT_FAILURE
     if as_json:
-        print(json_ok("get", result_dict(result, per_segment)), flush=True)
+        say(json_ok("get", result_dict(result, per_segment)))
     else:
-        print(describe_result(result), flush=True)
+        say(describe_result(result))
     return EXIT_OK
 
 
@@ -312,19 +313,19 @@ def run_prompt(peer: Peer, as_json: bool) -> int:
             import readline  # noqa: F401  (line editing and history at the prompt)
         except ImportError:
             pass
-        print(f"peer {peer.name} serving at {peer.serve_endpoint}; 'help' lists commands", flush=True)
+        say(f"peer {peer.name} serving at {peer.serve_endpoint}; 'help' lists commands")
         # The first prompt waits for the registration (or its timeout): its log line, written
         # by another thread, must not race the prompt's first drawing.
         peer.wait_registered(peer.config.broker_timeout_s)
     else:
-        print(json.dumps({"event": "ready", "name": peer.name, "serve": peer.serve_endpoint}), flush=True)
+        say(json.dumps({"event": "ready", "name": peer.name, "serve": peer.serve_endpoint}))
     bar = interactive and sys.stderr.isatty()
     while True:
         try:
             text = read_line(interactive)
         except EOFError:
             if interactive:
-                print(flush=True)  # Ctrl-D leaves the cursor after the prompt
+                say()  # Ctrl-D leaves the cursor after the prompt
             return EXIT_OK
         command = ""
         try:
@@ -337,13 +338,13 @@ def run_prompt(peer: Peer, as_json: bool) -> int:
             result = execute(peer, line, bar)
         except (ZswarmError, ValueError, TimeoutError) as exc:
             message = explain(peer, exc)
-            print(json_error(command, exc, message) if as_json else f"error: {message}", flush=True)
+            say(json_error(command, exc, message) if as_json else f"error: {message}")
             continue
         if as_json:
             payload = result_dict(result, line.segments) if isinstance(result, GetResult) else result
-            print(json_ok(command, payload), flush=True)
+            say(json_ok(command, payload))
         else:
-            print(render(command, result), flush=True)
+            say(render(command, result))
 
 
 # --------------------------------------------------------------------------------- control
@@ -513,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_control(peer)
         if args.command == "serve":
             stop = stop_event_on_signals()
-            print(json.dumps({"event": "ready", "name": peer.name, "serve": peer.serve_endpoint}), flush=True)
+            say(json.dumps({"event": "ready", "name": peer.name, "serve": peer.serve_endpoint}))
             while not stop.wait(0.5):
                 pass
             return stop.exit_status()  # 130 after Ctrl-C, 0 after SIGTERM
@@ -521,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_prompt(peer, args.json)
         except KeyboardInterrupt:
             if sys.stdin.isatty() and not args.json:
-                print(flush=True)  # off the prompt line before the shell's prompt
+                say()  # off the prompt line before the shell's prompt
             raise
 
     def body() -> int:
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             return status
         except Terminated:
             if args.command == "get":
-                print(f"error: {args.name}: stopped by SIGTERM before it finished", file=sys.stderr)
+                say(f"error: {args.name}: stopped by SIGTERM before it finished", sys.stderr)
                 return EXIT_FAILURE
             return EXIT_OK
 

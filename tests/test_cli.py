@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,44 @@ def test_without_a_terminal_log_lines_are_plain(
     with console.at_prompt("zswarm> "):
         logger.warning("x")
     assert plain.getvalue() == "WARNING x\n"
+
+
+class InterruptingTerminal(FakeTerminal):
+    """A terminal where, at the first write, another thread logs a line (as the driver thread
+    logs "registered" while the prompt prints its banner)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self.logger = logger
+        self.interrupted = False
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if not self.interrupted:
+            self.interrupted = True
+            other = threading.Thread(target=self.logger.warning, args=("registered",))
+            other.start()
+            other.join(0.2)  # with the line under the console's lock, the log line waits for it
+        return written
+
+
+def test_a_line_for_the_user_is_never_split_by_a_log_line(
+    console_logger: tuple[logging.Logger, FakeTerminal, Console], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The banner of the prompt once showed `...lists commands2026-11-30 ... registered`: print()
+    writes the text and the newline apart (unbuffered, as under PYTHONUNBUFFERED)."""
+    logger, _, _ = console_logger
+    terminal = InterruptingTerminal(logger)
+    handler = logger.handlers[0]
+    assert isinstance(handler, ConsoleHandler)
+    handler.setStream(terminal)  # stdout and stderr are one terminal, as on a pty
+    monkeypatch.setattr(sys, "stdout", terminal)
+    common_cli.say("peer p1 serving at tcp://127.0.0.1:1; 'help' lists commands")
+    wait_until(lambda: terminal.getvalue().count("\n") == 2, timeout=10, what="the log line")
+    assert terminal.getvalue().splitlines() == [
+        "peer p1 serving at tcp://127.0.0.1:1; 'help' lists commands",
+        "WARNING registered",
+    ]
 
 
 # --------------------------------------------------------------------------------- the bar
