@@ -163,7 +163,6 @@ class Console:
                 stream.write(text + "\n")
                 stream.flush()
 
-
     def say(self, text: str, stream: Any = None) -> None:
         """Write one line for the user in one write, under the lock: a log line written by another
         thread cannot land inside it (with PYTHONUNBUFFERED, print() writes the text and the newline
