@@ -16,7 +16,8 @@ one topology is built and the systems are run on it alternated, `--repeat` round
 rotated each round so that none always goes first.
 
 Systems (`--systems`, default all that are installed or installable):
-- zswarm: the broker in host 0 and N peers (common.processes BrokerProcess / PeerProcess), DEFAULT
+- zswarm: the broker in host 0 and N peers (launcher process handles: the CLIs, driven over
+  their control channel), DEFAULT
   configs (only log_level WARNING; `--broker-set/--peer-set KEY=VALUE` to change any field); every
   peer registered, then all N `get` at once; timed from the first get to the last answer.
   `zswarm-origin` (not in the default list) is the same with `plan_policy: origin_only`.
@@ -59,7 +60,7 @@ from typing import Any
 from bench import anchors
 from bench._util import RESULTS, ROOT, GiB, environment, make_file, overrides, write_yaml
 from bench.netns import ByteSampler, HostSpec, Shaping, Topology, Window, why_not_netns
-from common.processes import BrokerProcess, PeerProcess
+from launcher.handles import ProcessBroker, ProcessPeer, Result
 
 ALL_SYSTEMS = ("zswarm", "libtorrent", "nginx")
 BUSY_FLAG = 0.90  # machine busy fraction above which a run measures the machine
@@ -138,7 +139,7 @@ def run_zswarm(
     share = run_dir / "share"
     share.mkdir(parents=True)
     os.link(file, share / file.name)
-    procs: list[BrokerProcess | PeerProcess] = []
+    procs: list[ProcessBroker | ProcessPeer] = []
     try:
         broker_yaml = write_yaml(
             run_dir / "broker.yaml",
@@ -151,9 +152,9 @@ def run_zswarm(
                 **broker_fields,
             },
         )
-        broker = BrokerProcess(broker_yaml, run_dir / "broker.log", prefix=net.prefix(0))
+        broker = ProcessBroker("broker", broker_yaml, run_dir / "broker.log", prefix=net.prefix(0))
         procs.append(broker)
-        peers: list[PeerProcess] = []
+        peers: list[ProcessPeer] = []
         for i in range(1, n + 1):
             peer_yaml = write_yaml(
                 run_dir / f"p{i}.yaml",
@@ -166,20 +167,21 @@ def run_zswarm(
                     **peer_fields,
                 },
             )
-            peers.append(PeerProcess(peer_yaml, run_dir / f"p{i}.log", prefix=net.prefix(i)))
+            peers.append(
+                ProcessPeer(
+                    f"p{i}", peer_yaml, run_dir / f"p{i}", run_dir / f"p{i}.log", prefix=net.prefix(i)
+                )
+            )
             procs.append(peers[-1])
         for peer in peers:  # every peer registered before the clock starts
-            deadline = time.monotonic() + 30
-            while not peer.command("status", timeout=10)["result"]["registered"]:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{peer.name} did not register")
-                time.sleep(0.05)
-        before = origin_bytes_served(peers[0].command("broker", timeout=10).get("result", {}))
+            if not peer.wait_registered(30):
+                raise RuntimeError(f"{peer.name} did not register")
+        before = origin_bytes_served(peers[0].broker_stats())
         win = window([p.pid for p in procs])
         finished: dict[str, float] = {}
         t0 = win.start()
 
-        def fetch(i: int) -> dict[str, Any]:
+        def fetch(i: int) -> Result:
             result = peers[i - 1].get(file.name, timeout)
             finished[f"h{i}"] = round(time.monotonic() - t0, 3)
             return result
@@ -192,10 +194,10 @@ def run_zswarm(
             pool.shutdown(wait=False, cancel_futures=True)
         wall = max(finished.values())
         win.stop(t_end=t0 + wall)
-        after = origin_bytes_served(peers[0].command("broker", timeout=10).get("result", {}))
+        after = origin_bytes_served(peers[0].broker_stats())
     except BaseException:
         for proc in procs:
-            print(f"--- {proc.log_path.name}: {proc.log_tail(8)}", file=sys.stderr)
+            print(f"--- {proc.log_path.name}: {proc.client.log_tail(8)}", file=sys.stderr)
         raise
     finally:
         # Peers first and all at once (each may take its 2 s leave-on-EOF grace), the broker last.
@@ -212,8 +214,8 @@ def run_zswarm(
         "cpu_s": round(win.cpu_seconds, 3),
         "cpu_s_by_host": {f"h{i}": win.cpu_per_pid.get(p.pid, 0.0) for i, p in enumerate(procs)},
         "t0": t0,
-        "peer_seconds": {f"h{i + 1}": r["seconds"] for i, r in enumerate(results)},
-        "sources": {f"h{i + 1}": r["sources"] for i, r in enumerate(results)},
+        "peer_seconds": {f"h{i + 1}": r.seconds for i, r in enumerate(results)},
+        "sources": {f"h{i + 1}": r.sources for i, r in enumerate(results)},
         "notes": {
             "config": "defaults"
             if not (peer_fields or broker_fields)
