@@ -11,12 +11,15 @@ host's uplink is its egress, shaped with `tc qdisc add dev eth0 root tbf rate R 
 50ms`. Host 0 is the origin (zswarm's broker, libtorrent's seeder with the tracker, nginx), hosts
 1..N the downloaders. Link settings: `--rates 100,20` (every uplink at R Mbit/s, downlinks
 unshaped), `--mixed` (origin at 100, the peers alternately 20 and 100 Mbit/s up), `--asym` (every
-host 20 Mbit/s up, 100 Mbit/s down, the downlink shaped on the bridge port). For each setting and N
+host 20 Mbit/s up, 100 Mbit/s down, the downlink shaped on the bridge port), `--uncapped` (nothing
+shaped: what each system costs in CPU per GiB when only the machine limits it; no ideal bound, so
+no "x ideal"). For each setting and N
 one topology is built and the systems are run on it alternated, `--repeat` rounds, the order
 rotated each round so that none always goes first.
 
 Systems (`--systems`, default all that are installed or installable):
-- zswarm: the broker in host 0 and N peers (common.processes BrokerProcess / PeerProcess), DEFAULT
+- zswarm: the broker in host 0 and N peers (launcher process handles: the CLIs, driven over
+  their control channel), DEFAULT
   configs (only log_level WARNING; `--broker-set/--peer-set KEY=VALUE` to change any field); every
   peer registered, then all N `get` at once; timed from the first get to the last answer.
   `zswarm-origin` (not in the default list) is the same with `plan_policy: origin_only`.
@@ -59,7 +62,7 @@ from typing import Any
 from bench import anchors
 from bench._util import RESULTS, ROOT, GiB, environment, make_file, overrides, write_yaml
 from bench.netns import ByteSampler, HostSpec, Shaping, Topology, Window, why_not_netns
-from common.processes import BrokerProcess, PeerProcess
+from launcher.handles import ProcessBroker, ProcessPeer, Result
 
 ALL_SYSTEMS = ("zswarm", "libtorrent", "nginx")
 BUSY_FLAG = 0.90  # machine busy fraction above which a run measures the machine
@@ -72,7 +75,7 @@ class LinkSetting:
     hosts: Callable[[int], list[HostSpec]]  # N -> the N + 1 hosts (host 0 the origin)
 
 
-def uniform(rate: float) -> Callable[[int], list[HostSpec]]:
+def uniform(rate: float | None) -> Callable[[int], list[HostSpec]]:
     return lambda n: [HostSpec(rate)] * (n + 1)
 
 
@@ -80,6 +83,9 @@ def link_settings(args: argparse.Namespace) -> list[LinkSetting]:
     out: list[LinkSetting] = []
     for rate in [float(r) for r in args.rates.split(",") if r.strip()] if args.rates else []:
         out.append(LinkSetting(f"{rate:g}mbit", f"every uplink {rate:g} Mbit/s", uniform(rate)))
+    if args.uncapped:
+        # What a system costs per byte when only the machine limits it (no bound to compare to).
+        out.append(LinkSetting("uncapped", "no link shaped", uniform(None)))
     if args.mixed:
         out.append(
             LinkSetting(
@@ -99,23 +105,44 @@ def link_settings(args: argparse.Namespace) -> list[LinkSetting]:
     return out
 
 
-def ideal_seconds(hosts: list[HostSpec], size: int) -> float:
+def _uplinks_bps(hosts: list[HostSpec]) -> list[float] | None:
+    """Every host's uplink in bit/s; None when one is unshaped (no bound is known)."""
+    ups = [h.up_mbit for h in hosts]
+    return None if any(u is None for u in ups) else [u * 1e6 for u in ups if u is not None]
+
+
+def ideal_seconds(hosts: list[HostSpec], size: int) -> float | None:
     """Lower bound for a perfect swarm: the origin must send one copy, the slowest downlink must take
-    one, and the N copies must pass through the sum of all uplinks."""
+    one, and the N copies must pass through the sum of all uplinks. None for unshaped uplinks."""
+    ups = _uplinks_bps(hosts)
+    if ups is None:
+        return None
     bits = size * 8
     n = len(hosts) - 1
-    u0 = hosts[0].up_mbit * 1e6
     downs = [h.down_mbit for h in hosts[1:] if h.down_mbit is not None]
-    bound = max(bits / u0, n * bits / (u0 + sum(h.up_mbit * 1e6 for h in hosts[1:])))
+    bound = max(bits / ups[0], n * bits / sum(ups))
     return max(bound, bits / (min(downs) * 1e6)) if downs else bound
 
 
-def server_ideal_seconds(hosts: list[HostSpec], size: int) -> float:
+def server_ideal_seconds(hosts: list[HostSpec], size: int) -> float | None:
     """Lower bound for a plain server: all N copies through the origin's uplink."""
+    ups = _uplinks_bps(hosts)
+    if ups is None:
+        return None
     n = len(hosts) - 1
     downs = [h.down_mbit for h in hosts[1:] if h.down_mbit is not None]
-    bound = n * size * 8 / (hosts[0].up_mbit * 1e6)
+    bound = n * size * 8 / ups[0]
     return max(bound, size * 8 / (min(downs) * 1e6)) if downs else bound
+
+
+def _ratio(value: float, bound: float | None) -> float | None:
+    return round(value / bound, 3) if bound else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    """`value` formatted, or '-' of the same width where there is none (unshaped links)."""
+    width = "".join(ch for ch in spec.split(".")[0] if ch.isdigit())
+    return format(value, spec) if value is not None else format("-", f">{width or 1}")
 
 
 # --------------------------------------------------------------------------- zswarm
@@ -138,7 +165,7 @@ def run_zswarm(
     share = run_dir / "share"
     share.mkdir(parents=True)
     os.link(file, share / file.name)
-    procs: list[BrokerProcess | PeerProcess] = []
+    procs: list[ProcessBroker | ProcessPeer] = []
     try:
         broker_yaml = write_yaml(
             run_dir / "broker.yaml",
@@ -151,9 +178,9 @@ def run_zswarm(
                 **broker_fields,
             },
         )
-        broker = BrokerProcess(broker_yaml, run_dir / "broker.log", prefix=net.prefix(0))
+        broker = ProcessBroker("broker", broker_yaml, run_dir / "broker.log", prefix=net.prefix(0))
         procs.append(broker)
-        peers: list[PeerProcess] = []
+        peers: list[ProcessPeer] = []
         for i in range(1, n + 1):
             peer_yaml = write_yaml(
                 run_dir / f"p{i}.yaml",
@@ -166,20 +193,21 @@ def run_zswarm(
                     **peer_fields,
                 },
             )
-            peers.append(PeerProcess(peer_yaml, run_dir / f"p{i}.log", prefix=net.prefix(i)))
+            peers.append(
+                ProcessPeer(
+                    f"p{i}", peer_yaml, run_dir / f"p{i}", run_dir / f"p{i}.log", prefix=net.prefix(i)
+                )
+            )
             procs.append(peers[-1])
         for peer in peers:  # every peer registered before the clock starts
-            deadline = time.monotonic() + 30
-            while not peer.command("status", timeout=10)["result"]["registered"]:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{peer.name} did not register")
-                time.sleep(0.05)
-        before = origin_bytes_served(peers[0].command("broker", timeout=10).get("result", {}))
+            if not peer.wait_registered(30):
+                raise RuntimeError(f"{peer.name} did not register")
+        before = origin_bytes_served(peers[0].broker_stats())
         win = window([p.pid for p in procs])
         finished: dict[str, float] = {}
         t0 = win.start()
 
-        def fetch(i: int) -> dict[str, Any]:
+        def fetch(i: int) -> Result:
             result = peers[i - 1].get(file.name, timeout)
             finished[f"h{i}"] = round(time.monotonic() - t0, 3)
             return result
@@ -192,10 +220,10 @@ def run_zswarm(
             pool.shutdown(wait=False, cancel_futures=True)
         wall = max(finished.values())
         win.stop(t_end=t0 + wall)
-        after = origin_bytes_served(peers[0].command("broker", timeout=10).get("result", {}))
+        after = origin_bytes_served(peers[0].broker_stats())
     except BaseException:
         for proc in procs:
-            print(f"--- {proc.log_path.name}: {proc.log_tail(8)}", file=sys.stderr)
+            print(f"--- {proc.log_path.name}: {proc.client.log_tail(8)}", file=sys.stderr)
         raise
     finally:
         # Peers first and all at once (each may take its 2 s leave-on-EOF grace), the broker last.
@@ -212,8 +240,8 @@ def run_zswarm(
         "cpu_s": round(win.cpu_seconds, 3),
         "cpu_s_by_host": {f"h{i}": win.cpu_per_pid.get(p.pid, 0.0) for i, p in enumerate(procs)},
         "t0": t0,
-        "peer_seconds": {f"h{i + 1}": r["seconds"] for i, r in enumerate(results)},
-        "sources": {f"h{i + 1}": r["sources"] for i, r in enumerate(results)},
+        "peer_seconds": {f"h{i + 1}": r.seconds for i, r in enumerate(results)},
+        "sources": {f"h{i + 1}": r.sources for i, r in enumerate(results)},
         "notes": {
             "config": "defaults"
             if not (peer_fields or broker_fields)
@@ -293,15 +321,16 @@ def one_run(
     hosts = net.hosts
     ideal = ideal_seconds(hosts, size)
     sent = {h: sampler.sent_between(h, t0, end_mark) for h in range(n + 1)}
-    uplink_capacity = sum(h.up_mbit * 1e6 / 8 for h in hosts) * res["wall_s"]
+    ups = _uplinks_bps(hosts)
+    uplink_capacity = sum(ups) / 8 * res["wall_s"] if ups is not None else None
     busy = win.busy_fraction
     row = {
         "system": system,
         "n": n,
         "wall_s": res["wall_s"],
-        "ideal_s": round(ideal, 3),
-        "x_ideal": round(res["wall_s"] / ideal, 3),
-        "server_ideal_s": round(server_ideal_seconds(hosts, size), 3),
+        "ideal_s": round(ideal, 3) if ideal is not None else None,
+        "x_ideal": _ratio(res["wall_s"], ideal),
+        "server_ideal_s": _ratio(server_ideal_seconds(hosts, size) or 0.0, 1.0),
         "origin_payload_copies": (
             round(res["origin_payload_bytes"] / size, 3) if res["origin_payload_bytes"] is not None else None
         ),
@@ -373,7 +402,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "median_s": round(med, 3),
                 "runs_s": [r["wall_s"] for r in rs],
                 "ideal_s": rs[0]["ideal_s"],
-                "x_ideal": round(med / rs[0]["ideal_s"], 3),
+                "x_ideal": _ratio(med, rs[0]["ideal_s"]),
                 "origin_payload_copies": _median_or_none([r["origin_payload_copies"] for r in rs]),
                 "origin_wire_copies": round(statistics.median([r["origin_wire_copies"] for r in rs]), 3),
                 "uplink_use": round(statistics.median([r["uplink_use"] or 0.0 for r in rs]), 3),
@@ -401,8 +430,9 @@ def print_summary(summary: list[dict[str, Any]], size_mib: float) -> None:
         flag = "!" if s["flagged_runs"] else " "
         payload = _copies(s["origin_payload_copies"], 13)
         print(
-            f"{s['setting']:<8} {s['n']:>3} {s['system']:<13} {s['median_s']:>8.2f} {s['x_ideal']:>7.2f} "
-            f"{s['ideal_s']:>7.2f}  {payload} {s['origin_wire_copies']:>5.2f} "
+            f"{s['setting']:<8} {s['n']:>3} {s['system']:<13} {s['median_s']:>8.2f} "
+            f"{_fmt(s['x_ideal'], '>7.2f')} "
+            f"{_fmt(s['ideal_s'], '>7.2f')}  {payload} {s['origin_wire_copies']:>5.2f} "
             f"{s['uplink_use']:>7.0%} {s['cpu_s_per_gib']:>9.2f} {s['machine_busy_max']:>4.0%}{flag} "
             f"{s['other_cores_max']:>5.2f}  "
             f"[{', '.join(f'{v:.2f}' for v in s['runs_s'])}]"
@@ -480,7 +510,7 @@ def plot(results: Path, setting: str | None, n: int | None, systems: list[str] |
             ]
             axes[1][col].plot(t, smooth, **style)
         axes[0][col].set_title(
-            f"{system}: {run['wall_s']:.1f} s ({run['x_ideal']:.2f}x ideal), "
+            f"{system}: {run['wall_s']:.1f} s ({_fmt(run['x_ideal'], '.2f')}x ideal), "
             f"origin sent {run['origin_wire_copies']:.2f} copies",
             fontsize=9,
         )
@@ -513,9 +543,10 @@ def _terminate(signum: int, frame: Any) -> None:
 def run_line(row: dict[str, Any]) -> str:
     busy = "  (!) busy machine" if row["machine_busy_flag"] else ""
     return (
-        f"  round {row['round']} {row['system']:<13} {row['wall_s']:7.2f} s ({row['x_ideal']:.2f}x)  "
+        f"  round {row['round']} {row['system']:<13} {row['wall_s']:7.2f} s "
+        f"({_fmt(row['x_ideal'], '.2f')}x)  "
         f"origin {_copies(row['origin_payload_copies'], 4)} copies (wire {row['origin_wire_copies']:.2f})  "
-        f"uplinks {row['uplink_use']:.0%}  CPU {row['cpu_s']:.2f} s  "
+        f"uplinks {_fmt(row['uplink_use'], '.0%')}  CPU {row['cpu_s']:.2f} s  "
         f"machine busy {row['machine_busy']:.0%}{busy}"
         + (f"  code {row['notes']['core_fingerprint']}" if "core_fingerprint" in row["notes"] else "")
     )
@@ -536,7 +567,7 @@ def run_block(
     specs = setting.hosts(n)
     ideal = ideal_seconds(specs, file.stat().st_size)
     with Topology(specs, shaping) as net, net.sampler() as sampler:
-        print(f"\n{setting.name} ({setting.describe}), N = {n}: ideal {ideal:.2f} s", flush=True)
+        print(f"\n{setting.name} ({setting.describe}), N = {n}: ideal {_fmt(ideal, '.2f')} s", flush=True)
         for rep in range(args.repeat):
             # Rotated each round, so that no system always runs first (or right after another).
             order = systems[rep % len(systems) :] + systems[: rep % len(systems)]
@@ -560,6 +591,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-mib", type=float, default=32.0)
     ap.add_argument("--peers", default="1,4,8,12,16", help="numbers of downloaders N")
     ap.add_argument("--rates", default="100,20", help="uniform uplink settings in Mbit/s ('' for none)")
+    ap.add_argument(
+        "--uncapped",
+        action="store_true",
+        help="also: no link shaped (CPU per GiB where only the machine limits)",
+    )
     ap.add_argument(
         "--mixed", action="store_true", help="also: origin 100, peers alternately 20 / 100 Mbit/s"
     )
@@ -601,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(x) for x in args.peers.split(",")]
     settings = link_settings(args)
     if not settings:
-        raise SystemExit("no link setting: give --rates, --mixed or --asym")
+        raise SystemExit("no link setting: give --rates, --mixed, --asym or --uncapped")
     systems: list[str] = []
     skipped: dict[str, str] = {}
     for system in args.systems.split(","):

@@ -55,10 +55,11 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 @dataclass(frozen=True)
 class HostSpec:
-    """One host's links in Mbit/s: `up_mbit` its uplink (egress); `down_mbit` its downlink, or None
-    for an unshaped downlink (then only the senders' uplinks limit what it receives)."""
+    """One host's links in Mbit/s: `up_mbit` its uplink (egress), or None for an unshaped one (only
+    the machine limits it); `down_mbit` its downlink, or None for an unshaped downlink (then only
+    the senders' uplinks limit what it receives)."""
 
-    up_mbit: float
+    up_mbit: float | None
     down_mbit: float | None = None
 
 
@@ -197,19 +198,20 @@ class Topology:
             run_cmd("ip", "-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
             run_cmd("ip", "-n", ns, "link", "set", "eth0", "up")
             run_cmd("ip", "-n", ns, "link", "set", "lo", "up")
-            run_cmd(
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                "eth0",
-                "root",
-                *self.shaping.tbf(spec.up_mbit),
-            )
+            if spec.up_mbit is not None:
+                run_cmd(
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "tc",
+                    "qdisc",
+                    "add",
+                    "dev",
+                    "eth0",
+                    "root",
+                    *self.shaping.tbf(spec.up_mbit),
+                )
             if spec.down_mbit is not None:
                 run_cmd(
                     "ip",

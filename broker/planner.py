@@ -55,18 +55,29 @@ class Plan:
     entries: tuple[tuple[int, int, int], ...]  # (first, count, source index), in fetch order
     relayed: int = 0  # segments planned from a relay-tree parent that may not hold them yet
 
-    def segments_by_source(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
+    def segments_per_source(self) -> list[int]:
+        """Segments planned from each source, by its index in `sources` (one pass over entries)."""
+        counts = [0] * len(self.sources)
         for _, count, index in self.entries:
-            name = self.sources[index].name
-            counts[name] = counts.get(name, 0) + count
+            counts[index] += count
         return counts
 
-    def segments_by_reason(self) -> dict[str, int]:
+    def segments_by_source(self, per_source: list[int] | None = None) -> dict[str, int]:
+        """`per_source`: `segments_per_source()` if already computed (a GET's hot path)."""
         counts: dict[str, int] = {}
-        for _, count, index in self.entries:
-            why = str(self.sources[index].why)
-            counts[why] = counts.get(why, 0) + count
+        per = self.segments_per_source() if per_source is None else per_source
+        for source, count in zip(self.sources, per, strict=True):
+            if count:
+                counts[source.name] = counts.get(source.name, 0) + count
+        return counts
+
+    def segments_by_reason(self, per_source: list[int] | None = None) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        per = self.segments_per_source() if per_source is None else per_source
+        for source, count in zip(self.sources, per, strict=True):
+            if count:
+                why = str(source.why)
+                counts[why] = counts.get(why, 0) + count
         return counts
 
 
@@ -308,17 +319,26 @@ def _block_index(
     """
     full: dict[int, list[int]] = {}
     touched: dict[int, list[int]] = {}
+    last = (segment_count - 1) // block  # the last block may be short: whole at segment_count
+
+    def touch(number: int, i: int) -> None:
+        holders_of_block = touched.setdefault(number, [])
+        if not holders_of_block or holders_of_block[-1] != i:
+            holders_of_block.append(i)
+
     for i in partial:
         for first, count in holders[i].segments.runs():
             end = first + count
-            for number in range(first // block, (end - 1) // block + 1):
-                start, stop = number * block, min((number + 1) * block, segment_count)
-                if first <= start and stop <= end:
-                    full.setdefault(number, []).append(i)
-                else:
-                    holders_of_block = touched.setdefault(number, [])
-                    if not holders_of_block or holders_of_block[-1] != i:
-                        holders_of_block.append(i)
+            lo, hi = first // block, (end - 1) // block
+            # The blocks strictly inside the run are whole; the first and the last may be parts.
+            whole_lo = lo if first == lo * block else lo + 1
+            whole_hi = hi if end == (hi + 1) * block or (hi == last and end >= segment_count) else hi - 1
+            if lo < whole_lo:
+                touch(lo, i)
+            for number in range(whole_lo, whole_hi + 1):
+                full.setdefault(number, []).append(i)
+            if hi > whole_hi and hi >= whole_lo:
+                touch(hi, i)
     return full, touched
 
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from broker.planner import MAX_PARTIAL_HOLDERS, Relay, RelayTrees, plan_download
+from broker.planner import BROKER_SOURCE, MAX_PARTIAL_HOLDERS, Relay, RelayTrees, plan_download
 from broker.registry import Holder, Registry
 from common import protocol
 from common.errors import WireCode
@@ -396,9 +396,10 @@ class Tracker:
             rotate=_spread(nth, segments, s.plan_block_segments),
             relay=relay,
         )
-        for name, count in plan.segments_by_source().items():
+        per_source = plan.segments_per_source()
+        for name, count in plan.segments_by_source(per_source).items():
             self.registry.note_planned(name, count, now)
-        for why, count in plan.segments_by_reason().items():
+        for why, count in plan.segments_by_reason(per_source).items():
             self.m.segments_planned.inc(count, labels=(why,))
         if plan.relayed:
             self.m.segments_relayed.inc(plan.relayed)
@@ -512,11 +513,13 @@ class Tracker:
     ) -> None:
         """Remember what this plan sends `peer` to fetch from which peer: its bad_source
         reports are believed for those runs only."""
-        by_source: dict[str, list[Run]] = {}
+        runs_per_source: list[list[Run]] = [[] for _ in sources]
         for first, count, index in entries:
-            name = sources[index].name
-            if name != "broker":
-                by_source.setdefault(name, []).append((first, count))
+            runs_per_source[index].append((first, count))
+        by_source: dict[str, list[Run]] = {}
+        for source, runs in zip(sources, runs_per_source, strict=True):
+            if runs and source.name != BROKER_SOURCE:
+                by_source.setdefault(source.name, []).extend(runs)
         if by_source:
             self.registry.note_planned_runs(peer, file_id, by_source, now)
 

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from broker.planner import BROKER_SOURCE, Plan, plan_download, relay_for
+from broker.planner import BROKER_SOURCE, Plan, _block_index, plan_download, relay_for
 from broker.registry import Holder
 from common.ranges import Run, SegmentSet
 
@@ -252,6 +252,29 @@ def test_random_holdings_every_needed_segment_planned_exactly_once(seed: int) ->
         held_anywhere.update(h.segments)
     for i, s in got.items():
         assert (s == BROKER_SOURCE) == (i not in held_anywhere)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_block_index_matches_its_definition(seed: int) -> None:
+    """The GET's index of partial holders by block (whole blocks walked as ranges, only the run
+    ends looked at) against the definition: a holder holds all of a block (the last one may be
+    short), or some of it."""
+    rng = random.Random(seed)
+    n = rng.randrange(1, 900)
+    block = rng.choice([1, 2, 3, 16, 64])
+    holders = []
+    for k in range(rng.randrange(1, 6)):
+        runs = [(rng.randrange(n), rng.randrange(1, 200)) for _ in range(rng.randrange(1, 8))]
+        holders.append(holder(f"p{k}", [(f, min(c, n - f)) for f, c in runs]))
+    full_index, touched_index = _block_index(holders, list(range(len(holders))), block, n)
+    for number in range((n + block - 1) // block):
+        start, stop = number * block, min((number + 1) * block, n)
+        whole = [i for i, h in enumerate(holders) if h.segments.covers(start, stop - start)]
+        some = [
+            i for i, h in enumerate(holders) if i not in whole and h.segments.overlaps(start, stop - start)
+        ]
+        assert full_index.get(number, []) == whole, number
+        assert touched_index.get(number, []) == some, number
 
 
 def test_holder_with_out_of_range_claims_is_not_taken_as_complete() -> None:
