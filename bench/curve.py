@@ -36,6 +36,7 @@ from typing import Any
 
 import zmq
 
+from bench._util import save
 from common.security import (
     AllowList,
     Authenticator,
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.curve", description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=float, default=3.0, help="seconds per measurement (default 3)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds, alternating plain/CURVE order (default 2)")
+    ap.add_argument("--results-name", default="curve", help="bench/results/<name>.json")
     args = ap.parse_args(argv)
     load_before = os.getloadavg()[0]
     r = curve_throughput(args.duration, args.rounds)
@@ -235,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     plain, curve = r["connect_plain_ms"], r["connect_curve_ms"]
     print(f"{'connect':10} {plain:10.2f} {curve:10.2f} {curve / plain:11.1f}x   ms to a first reply (median)")
     print(f"load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs")
+    save("curve", args, {"results": r, "load_average": [load_before, load_after]})
     return 0
 
 

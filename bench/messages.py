@@ -15,11 +15,10 @@ design would need for the data alone.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from bench._util import RESULTS
+from bench._util import save
 from common.manifest import SEGMENT_SIZE
 from launcher import Swarm
 
@@ -27,6 +26,7 @@ from launcher import Swarm
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.messages", description=__doc__.split("\n")[0])
     ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--results-name", default="messages", help="bench/results/<name>.json")
     args = ap.parse_args(argv)
     size = args.size_mib * 1024 * 1024
     with tempfile.TemporaryDirectory(prefix="zswarm-bench-messages-") as tmp:
@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(tracker.values()) + origin
     segments = (size + SEGMENT_SIZE - 1) // SEGMENT_SIZE
     out = {
-        "benchmark": "messages",
         "size_bytes": size,
         "seconds": round(result.seconds, 3),
         "tracker_messages": tracker,
@@ -60,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  origin requests   {origin:>8}")
     per_segment = total / segments
     print(f"  broker total      {total:>8}  (segments: {segments}; {per_segment:.4f} messages per segment)")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "messages.json").write_text(json.dumps(out, indent=2))
+    save("messages", args, out)
     return 0
 
 

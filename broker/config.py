@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from common.config import ConfigModel, LogLevel, check_folder
+from common.config import ConfigModel, LogLevel, check_allow_dir, check_folder, check_secret_key_file
 from common.errors import ConfigError
 from common.protocol import MAX_REQUEST_BYTES
 
@@ -67,28 +67,14 @@ class BrokerConfig(ConfigModel):
     @field_validator("secret_key_file")
     @classmethod
     def _secret_key_usable(cls, value: str | None) -> str | None:
-        if value is not None:
-            from common.security import load_secret
-
-            try:
-                load_secret(value)
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+        return check_secret_key_file(value)
 
     @field_validator("allow_dir")
     @classmethod
     def _allow_dir_usable(cls, value: str | None, info: ValidationInfo) -> str | None:
-        has_secret = info.data.get("secret_key_file") is not None
-        if value is None:
-            if has_secret:
-                raise ValueError("required with secret_key_file (the folder of the peers' public keys)")
-            return value
-        if not has_secret and "secret_key_file" in info.data:
-            raise ValueError("needs secret_key_file too (the broker's own key)")
-        if not os.path.isdir(value):
-            raise ValueError(f"{value} is not a folder")
-        return value
+        return check_allow_dir(
+            value, info.data, "the folder of the peers' public keys", "the broker's own key"
+        )
 
     @property
     def secure(self) -> bool:

@@ -401,6 +401,39 @@ def check_folder(value: str) -> str:
     return value
 
 
+def check_secret_key_file(value: str | None) -> str | None:
+    """A node's own CURVE secret key file (authenticated mode): it must load; None: plain mode."""
+    if value is not None:
+        from common.security import load_secret
+
+        try:
+            load_secret(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+    return value
+
+
+def check_with_secret_key(value: str | None, data: dict[str, Any], what: str, own_key: str) -> bool:
+    """A field that goes with `secret_key_file` (both or neither). `what` says what the field
+    holds (for the error when it is missing), `own_key` what the secret key is. Returns True when
+    the field is set and is to be checked further; raises ValueError for a half configuration."""
+    has_secret = data.get("secret_key_file") is not None
+    if value is None:
+        if has_secret:
+            raise ValueError(f"required with secret_key_file ({what})")
+        return False
+    if not has_secret and "secret_key_file" in data:
+        raise ValueError(f"needs secret_key_file too ({own_key})")
+    return True
+
+
+def check_allow_dir(value: str | None, data: dict[str, Any], what: str, own_key: str) -> str | None:
+    """The allow-list folder of authenticated mode (see `check_with_secret_key`)."""
+    if check_with_secret_key(value, data, what, own_key) and not os.path.isdir(str(value)):
+        raise ValueError(f"{value} is not a folder")
+    return value
+
+
 class ConfigModel(BaseModel):
     # strict: YAML values arrive with their real types (pass 2), so no coercion is needed, and
     # coercion would hide mistakes ("5" or true for a port). Floats accept ints even so.

@@ -12,12 +12,18 @@ this one) switch CURVE on for every socket of the peer. All three or none.
 
 from __future__ import annotations
 
-import os
 from typing import ClassVar
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from common.config import ConfigModel, LogLevel, check_folder
+from common.config import (
+    ConfigModel,
+    LogLevel,
+    check_allow_dir,
+    check_folder,
+    check_secret_key_file,
+    check_with_secret_key,
+)
 from common.errors import ConfigError
 from common.protocol import ENDPOINT_PATTERN, NAME_PATTERN, RESERVED_SOURCE_NAMES
 
@@ -58,48 +64,29 @@ class PeerConfig(ConfigModel):
     @field_validator("secret_key_file")
     @classmethod
     def _secret_key_usable(cls, value: str | None) -> str | None:
-        if value is not None:
-            from common.security import load_secret
-
-            try:
-                load_secret(value)
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+        return check_secret_key_file(value)
 
     @field_validator("broker_public_key_file")
     @classmethod
     def _broker_key_usable(cls, value: str | None, info: ValidationInfo) -> str | None:
-        has_secret = info.data.get("secret_key_file") is not None
-        if value is None:
-            if has_secret:
-                raise ValueError("required with secret_key_file (the broker's public key)")
-            return value
-        if not has_secret and "secret_key_file" in info.data:
-            raise ValueError("needs secret_key_file too (this peer's own key)")
-        from common.security import load_public
+        if check_with_secret_key(value, info.data, "the broker's public key", "this peer's own key"):
+            from common.security import load_public
 
-        try:
-            load_public(value)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+            try:
+                load_public(str(value))
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @field_validator("allow_dir")
     @classmethod
     def _allow_dir_usable(cls, value: str | None, info: ValidationInfo) -> str | None:
-        has_secret = info.data.get("secret_key_file") is not None
-        if value is None:
-            if has_secret:
-                raise ValueError(
-                    "required with secret_key_file (the public keys of peers that may download here)"
-                )
-            return value
-        if not has_secret and "secret_key_file" in info.data:
-            raise ValueError("needs secret_key_file too (this peer's own key)")
-        if not os.path.isdir(value):
-            raise ValueError(f"{value} is not a folder")
-        return value
+        return check_allow_dir(
+            value,
+            info.data,
+            "the public keys of peers that may download here",
+            "this peer's own key",
+        )
 
     @property
     def secure(self) -> bool:
