@@ -113,6 +113,9 @@ def _line_buffer() -> str:
         return ""
 
 
+LOCK_WAIT_S = 1.0  # how long a line waits for the console's lock before it is written anyway
+
+
 class Console:
     """Keeps log lines apart from what the user looks at: the prompt line and the progress bar.
 
@@ -149,8 +152,21 @@ class Console:
             with self._lock:
                 self._prompt = None
 
+    @contextmanager
+    def _held(self) -> Iterator[None]:
+        """The lock, or after LOCK_WAIT_S without it, nothing: a Ctrl-C raised in the main thread
+        between taking a lock and the `with` that releases it leaves it taken for good (a known
+        CPython hazard), and a thread that logs must never hang on it (the peer's clean stop
+        waits for that thread). Output may then interleave; it never stops."""
+        taken = self._lock.acquire(timeout=LOCK_WAIT_S)
+        try:
+            yield
+        finally:
+            if taken:
+                self._lock.release()
+
     def write_log(self, text: str, stream: Any) -> None:
-        with self._lock:
+        with self._held():
             bar, prompt = self._bar, self._prompt
             if bar is not None:
                 type(bar).write(text, file=stream)
@@ -168,7 +184,7 @@ class Console:
         thread cannot land inside it (with PYTHONUNBUFFERED, print() writes the text and the newline
         separately)."""
         out = sys.stdout if stream is None else stream
-        with self._lock:
+        with self._held():
             out.write(text + "\n")
             out.flush()
 

@@ -522,7 +522,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_prompt(peer, args.json)
         except KeyboardInterrupt:
             if sys.stdin.isatty() and not args.json:
-                say()  # off the prompt line before the shell's prompt
+                # Off the prompt line before the shell's prompt. Not through the console's lock:
+                # the interrupt may have come while a thread held it.
+                sys.stdout.write("\n")
+                sys.stdout.flush()
             raise
 
     def body() -> int:

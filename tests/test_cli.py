@@ -196,6 +196,35 @@ def test_a_line_for_the_user_is_never_split_by_a_log_line(
     ]
 
 
+def test_a_console_lock_left_taken_delays_a_log_line_but_never_stops_it(
+    console_logger: tuple[logging.Logger, FakeTerminal, Console],
+) -> None:
+    """Ctrl-C between taking the console's lock and entering the `with` that releases it leaves
+    the lock taken for good; the driver thread then logged nothing more and the peer's clean
+    stop, which waits for that thread, hung (an interactive prompt ignoring Ctrl-C)."""
+    logger, stream, console = console_logger
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with console._lock:
+            taken.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert taken.wait(10)
+        # Another thread logs, as the driver thread does: it must get through while the lock
+        # stays taken (the holder lets go only at the end of the test).
+        driver = threading.Thread(target=logger.warning, args=("still written",))
+        driver.start()
+        wait_until(lambda: not driver.is_alive(), timeout=10, what="the log line past the lock")
+        assert stream.getvalue() == "WARNING still written\n"
+    finally:
+        release.set()
+        holder.join(10)
+
+
 # --------------------------------------------------------------------------------- the bar
 
 
