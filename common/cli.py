@@ -76,6 +76,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from common.errors import ConfigError, RemoteError, ZswarmError
+from common.threads import worker_thread
 
 # Exit status, the same rule for both tools (README, "Command line"): 0 when the program did what
 # it was asked (a download finished; the prompt, `serve` or the broker stopped by quit, Ctrl-D or
@@ -277,7 +278,7 @@ def on_sighup(action: Callable[[], Any], what: str) -> None:
             except Exception as exc:
                 log.warning("%s after SIGHUP failed: %s", what, exc)
 
-    threading.Thread(target=loop, name=f"sighup-{what}", daemon=True).start()
+    worker_thread(loop, f"sighup-{what}").start()
 
     def handler(signum: int, frame: FrameType | None) -> None:
         wake.set()
@@ -379,7 +380,7 @@ class ControlServer:
         self._broken = False
         self._threads: list[threading.Thread] = []
         self._threads_lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read_loop, name="control-reader", daemon=True)
+        self._reader = worker_thread(self._read_loop, "control-reader")
 
     # ---- output
 
@@ -448,9 +449,7 @@ class ControlServer:
         except Exception as exc:
             command.emit(**error_event(exc))
             return True
-        thread = threading.Thread(
-            target=self._run, args=(handler, command), name=f"control-{op}-{ident}", daemon=True
-        )
+        thread = worker_thread(self._run, f"control-{op}-{ident}", (handler, command))
         with self._threads_lock:
             self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import zmq
 
 from common.errors import ClosedError, ConfigError
+from common.threads import worker_thread
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,7 +110,7 @@ class ServiceThread:
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._startup_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread = worker_thread(self._main, name)
         self._started = False
         self.loop_errors = 0
 

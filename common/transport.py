@@ -57,6 +57,7 @@ from common.security import (
     peer_identity,
 )
 from common.service import trim_memory
+from common.threads import worker_thread
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +307,7 @@ class ConnectionWatch:
         self._pending: list[_Watched] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._main, name=f"zswarm-conns-{name}", daemon=True)
+        self._thread = worker_thread(self._main, f"zswarm-conns-{name}")
         self._started = False
 
     def start(self) -> None:
@@ -550,7 +551,7 @@ class Transport:
             context.term()
             done.set()
 
-        ender = threading.Thread(target=term, name=f"zswarm-term-{self.name}", daemon=True)
+        ender = worker_thread(term, f"zswarm-term-{self.name}")
         ender.start()
         if not done.wait(timeout_s):
             log.error("%s: sockets still open after %.1f s; leaving the context behind", self.name, timeout_s)

@@ -53,6 +53,7 @@ from common.protocol import (
 )
 from common.ranges import Run
 from common.service import RateLimitedLog, ServiceThread
+from common.threads import worker_thread
 from common.transport import Transport
 from peer.config import PeerConfig
 from peer.driver import GetFuture, Job, PeerDriver
@@ -288,9 +289,7 @@ class Agent(ServiceThread, PeerDriver):
             self._to_verify.put(file_id)
         with self._verifier_lock:
             if self._verifier is None or not self._verifier.is_alive():
-                self._verifier = threading.Thread(
-                    target=self._verify_queued, name=f"zswarm-verify-{self.config.name}", daemon=True
-                )
+                self._verifier = worker_thread(self._verify_queued, f"zswarm-verify-{self.config.name}")
                 self._verifier.start()
 
     def _verify_queued(self) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import signal
@@ -52,6 +53,7 @@ from common.cli import (
 )
 from common.errors import BrokerUnavailable, TransferError, ZswarmError
 from common.subscription import Closed
+from common.threads import worker_thread
 from peer.config import PeerConfig
 from peer.driver import GetFuture
 from peer.service import Peer
@@ -306,6 +308,39 @@ def read_line(interactive: bool) -> str:
         return input(PROMPT)
 
 
+def nudge_main_thread_on_signals() -> None:
+    """Make a Ctrl-C at the prompt take effect at once.
+
+    Python runs a signal's handler in the main thread when that thread next runs Python code or
+    when a blocking call of it fails with EINTR. readline draws the prompt and then waits for a
+    key in select(): a Ctrl-C that lands between the two interrupts nothing, and its handler
+    waits for the next key press (seen as a prompt ignoring Ctrl-C in 1 run of 5 on a loaded
+    machine). Here a thread woken by every signal (`signal.set_wakeup_fd`) sends the main thread
+    SIGUSR1 a moment later; its empty handler interrupts the wait, and Python then runs the
+    handler that was pending."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def loop() -> None:
+        while True:
+            data = os.read(read_fd, 64)
+            if not data:
+                return
+            if all(byte == signal.SIGUSR1 for byte in data):
+                continue  # our own nudges come back here too
+            time.sleep(NUDGE_DELAY_S)
+            signal.pthread_kill(main, signal.SIGUSR1)
+
+    worker_thread(loop, "signal-nudge").start()
+
+
+NUDGE_DELAY_S = 0.05  # after a signal: the main thread has usually run its handler by then
+
+
 def run_prompt(peer: Peer, as_json: bool) -> int:
     interactive = sys.stdin.isatty() and not as_json
     if interactive:
@@ -313,6 +348,7 @@ def run_prompt(peer: Peer, as_json: bool) -> int:
             import readline  # noqa: F401  (line editing and history at the prompt)
         except ImportError:
             pass
+        nudge_main_thread_on_signals()
         say(f"peer {peer.name} serving at {peer.serve_endpoint}; 'help' lists commands")
         # The first prompt waits for the registration (or its timeout): its log line, written
         # by another thread, must not race the prompt's first drawing.
