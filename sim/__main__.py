@@ -18,7 +18,9 @@ import argparse
 import json
 import logging
 import math
+import platform
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -96,6 +98,28 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def code_measured() -> dict[str, Any]:
+    """When, and which code: the commit and whether the cores (broker/, peer/, common/, sim/)
+    differ from it, as the benchmarks record it."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout.strip()
+
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": platform.python_version(),
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "core_modified_since_commit": bool(
+            git("status", "--porcelain", "--", "broker", "peer", "common", "sim")
+        ),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sim", description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--peers", default="16", help="downloaders N, comma-separated")
@@ -110,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, help="draw time / ideal against N into this PNG")
     ap.add_argument("--results-name", default="sim", help="bench/results/<name>.json")
     args = ap.parse_args(argv)
+    measured = code_measured()
     logging.basicConfig(level=logging.ERROR)  # timeouts, evictions: the table says what matters
     size = int(args.size_mib * MIB)
     rows: list[dict[str, Any]] = []
@@ -130,7 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / f"{args.results_name}.json"
     out.write_text(
         json.dumps(
-            {"benchmark": "sim", "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2
+            {
+                "benchmark": "sim",
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "environment": {**measured, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                "rows": rows,
+            },
+            indent=2,
         )
     )
     print(f"wrote {out}")
