@@ -47,6 +47,7 @@ from common.manifest import (
 from common.protocol import DEFAULT_MAX_HEADER_BYTES, PROTOCOL_VERSION
 from common.ranges import Run
 from common.segserver import SourceBusy
+from common.threads import worker_thread
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +379,7 @@ class CatalogWorker:
         self._stop = threading.Event()
         self._scans_done = 0
         self._scan_done = threading.Condition()
-        self._thread = threading.Thread(target=self._main, name="zswarm-catalog", daemon=True)
+        self._thread = worker_thread(self._main, "zswarm-catalog")
         catalog.on_suspect = self._wake.set
 
     def start(self, timeout: float = 10.0) -> None:
