@@ -16,7 +16,6 @@ import resource
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from common.checkout import git_state
 from launcher import BrokerHandle, ChildProcess, LauncherError, PeerHandle, Swarm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -413,26 +413,6 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
     for row in cells:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
     sys.stdout.flush()
-
-
-def git_state() -> tuple[str, bool]:
-    """(short commit, whether common/ broker/ peer/ differ from it): the core code measured."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--", "common", "broker", "peer"],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=5,
-            ).stdout.strip()
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "", False
-    return commit, dirty
 
 
 _AT_START = git_state()  # the core may change while a long run goes on: both ends are recorded

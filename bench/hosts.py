@@ -135,6 +135,10 @@ def server_ideal_seconds(hosts: list[HostSpec], size: int) -> float | None:
     return max(bound, size * 8 / (min(downs) * 1e6)) if downs else bound
 
 
+def _rounded(value: float | None) -> float | None:
+    return round(value, 3) if value is not None else None
+
+
 def _ratio(value: float, bound: float | None) -> float | None:
     return round(value / bound, 3) if bound else None
 
@@ -328,9 +332,9 @@ def one_run(
         "system": system,
         "n": n,
         "wall_s": res["wall_s"],
-        "ideal_s": round(ideal, 3) if ideal is not None else None,
+        "ideal_s": _rounded(ideal),
         "x_ideal": _ratio(res["wall_s"], ideal),
-        "server_ideal_s": _ratio(server_ideal_seconds(hosts, size) or 0.0, 1.0),
+        "server_ideal_s": _rounded(server_ideal_seconds(hosts, size)),
         "origin_payload_copies": (
             round(res["origin_payload_bytes"] / size, 3) if res["origin_payload_bytes"] is not None else None
         ),

@@ -64,20 +64,17 @@ class Plan:
 
     def segments_by_source(self, per_source: list[int] | None = None) -> dict[str, int]:
         """`per_source`: `segments_per_source()` if already computed (a GET's hot path)."""
-        counts: dict[str, int] = {}
-        per = self.segments_per_source() if per_source is None else per_source
-        for source, count in zip(self.sources, per, strict=True):
-            if count:
-                counts[source.name] = counts.get(source.name, 0) + count
-        return counts
+        return self._fold(lambda source: source.name, per_source)
 
     def segments_by_reason(self, per_source: list[int] | None = None) -> dict[str, int]:
+        return self._fold(lambda source: str(source.why), per_source)
+
+    def _fold(self, key: Callable[[PlannedSource], str], per_source: list[int] | None) -> dict[str, int]:
         counts: dict[str, int] = {}
         per = self.segments_per_source() if per_source is None else per_source
         for source, count in zip(self.sources, per, strict=True):
             if count:
-                why = str(source.why)
-                counts[why] = counts.get(why, 0) + count
+                counts[key(source)] = counts.get(key(source), 0) + count
         return counts
 
 

@@ -38,6 +38,8 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,42 +251,51 @@ class _Watched:
     open: dict[int, _Conn] = field(default_factory=dict)
 
 
-def _cut(fd: int, port: int) -> bool:
-    """shutdown() an accepted connection of the server on `port`, if `fd` still is one (the fd may
-    have been closed and reused since the event). libzmq sees the end and closes it itself."""
+@contextmanager
+def _accepted(fd: int, port: int) -> Iterator[socket.socket | None]:
+    """The accepted connection `fd` of the server on `port`, borrowed (never closed here), or None
+    if `fd` is not one any more (it may have been closed and reused since the monitor's event)."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
-        return False
+        yield None
+        return
     try:
-        if sock.getsockname()[1] != port:
-            return False
-        sock.shutdown(socket.SHUT_RDWR)
-        return True
-    except (OSError, IndexError, TypeError):
-        return False
+        try:
+            mine = sock.getsockname()[1] == port
+        except (OSError, IndexError, TypeError):
+            mine = False
+        yield sock if mine else None
     finally:
         sock.detach()
+
+
+def _cut(fd: int, port: int) -> bool:
+    """shutdown() an accepted connection of the server on `port`, if `fd` still is one. libzmq
+    sees the end and closes it itself."""
+    with _accepted(fd, port) as sock:
+        if sock is None:
+            return False
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return False
+        return True
 
 
 def _bytes_received(fd: int, port: int) -> int | None:
     """The kernel's count of bytes received on an accepted connection of `port` (None: not one)."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        return None
-    try:
-        if sock.getsockname()[1] != port:
+    with _accepted(fd, port) as sock:
+        if sock is None:
             return None
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        except OSError:
+            return None
         if len(info) < _TCP_INFO_BYTES_RECEIVED + 8:
             return None
         value: int = struct.unpack_from("Q", info, _TCP_INFO_BYTES_RECEIVED)[0]
         return value
-    except (OSError, IndexError, TypeError):
-        return None
-    finally:
-        sock.detach()
 
 
 class ConnectionWatch:

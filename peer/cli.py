@@ -34,7 +34,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import CancelledError, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import Any
@@ -308,8 +310,9 @@ def read_line(interactive: bool) -> str:
         return input(PROMPT)
 
 
-def nudge_main_thread_on_signals() -> None:
-    """Make a Ctrl-C at the prompt take effect at once.
+@contextmanager
+def nudge_main_thread_on_signals() -> Iterator[None]:
+    """Make a Ctrl-C at the prompt take effect at once, while the block runs.
 
     Python runs a signal's handler in the main thread when that thread next runs Python code or
     when a blocking call of it fails with EINTR. readline draws the prompt and then waits for a
@@ -317,10 +320,10 @@ def nudge_main_thread_on_signals() -> None:
     waits for the next key press (seen as a prompt ignoring Ctrl-C in 1 run of 5 on a loaded
     machine). Here a thread woken by every signal (`signal.set_wakeup_fd`) sends the main thread
     SIGUSR1 a moment later; its empty handler interrupts the wait, and Python then runs the
-    handler that was pending."""
+    handler that was pending. On leaving, the wake-up pipe is closed and the thread ends."""
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
-    signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: None)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     main = threading.main_thread().ident
     assert main is not None
@@ -329,13 +332,22 @@ def nudge_main_thread_on_signals() -> None:
         while True:
             data = os.read(read_fd, 64)
             if not data:
-                return
+                return  # the write end is closed: leaving
             if all(byte == signal.SIGUSR1 for byte in data):
                 continue  # our own nudges come back here too
             time.sleep(NUDGE_DELAY_S)
             signal.pthread_kill(main, signal.SIGUSR1)
 
-    worker_thread(loop, "signal-nudge").start()
+    nudger = worker_thread(loop, "signal-nudge")
+    nudger.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(write_fd)
+        nudger.join(NUDGE_DELAY_S + 5.0)
+        os.close(read_fd)
+        signal.signal(signal.SIGUSR1, previous)
 
 
 NUDGE_DELAY_S = 0.05  # after a signal: the main thread has usually run its handler by then
@@ -343,12 +355,18 @@ NUDGE_DELAY_S = 0.05  # after a signal: the main thread has usually run its hand
 
 def run_prompt(peer: Peer, as_json: bool) -> int:
     interactive = sys.stdin.isatty() and not as_json
+    if not interactive:
+        return prompt_loop(peer, as_json, interactive)
+    with nudge_main_thread_on_signals():
+        return prompt_loop(peer, as_json, interactive)
+
+
+def prompt_loop(peer: Peer, as_json: bool, interactive: bool) -> int:
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history at the prompt)
         except ImportError:
             pass
-        nudge_main_thread_on_signals()
         say(f"peer {peer.name} serving at {peer.serve_endpoint}; 'help' lists commands")
         # The first prompt waits for the registration (or its timeout): its log line, written
         # by another thread, must not race the prompt's first drawing.

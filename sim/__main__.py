@@ -20,12 +20,12 @@ import logging
 import math
 import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from common.checkout import CORE, git_state
 from sim.swarm import SimSettings, SimSwarm
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
@@ -101,22 +101,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def code_measured() -> dict[str, Any]:
     """When, and which code: the commit and whether the cores (broker/, peer/, common/, sim/)
     differ from it, as the benchmarks record it."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        try:
-            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5)
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return done.stdout.strip()
-
+    commit, modified = git_state((*CORE, "sim"))
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "python": platform.python_version(),
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "core_modified_since_commit": bool(
-            git("status", "--porcelain", "--", "broker", "peer", "common", "sim")
-        ),
+        "commit": commit,
+        "core_modified_since_commit": modified,
     }
 
 
