@@ -96,19 +96,56 @@ class RelayTrees:
     change of that set, so that finding a downloader's parents costs O(stripes), not O(N): the
     tracker answers a thousand downloaders' plans without a pass over all of them each time."""
 
-    def __init__(self, members: list[tuple[int, str]], fanout: int) -> None:
-        """`members`: (join position, name) of the file's downloaders, in join order."""
+    def __init__(
+        self,
+        members: list[tuple[int, str]],
+        fanout: int,
+        slow: frozenset[str] = frozenset(),
+    ) -> None:
+        """`members`: (join position, name) of the file's downloaders, in join order. `slow`:
+        members whose uplink relays far slower than the others'; they go last in every stripe,
+        where the heap's leaves are, so the others relay for them (SplitStream's forwarding
+        capacity, with two classes)."""
         self.fanout = max(1, fanout)
+        self.slow = slow
         # Fewer downloaders than stripes: as many stripes as downloaders, so that no stripe is
         # without an inner node of its own.
         self.stripes = max(1, min(self.fanout, len(members)))
         self.orders: list[list[str]] = []
         self.places: list[dict[str, int]] = []
-        for stripe in range(self.stripes):
-            order = [name for pos, name in members if pos % self.stripes == stripe]
-            order += [name for pos, name in members if pos % self.stripes != stripe]
-            self.orders.append(order)
-            self.places.append({name: i for i, name in enumerate(order)})
+        stripes = self.stripes
+        if not slow:
+            # A member's class is its join position mod the stripe count. Stripe s's order is
+            # class s (its inner nodes), then the others in join order: a newcomer is last in
+            # every stripe but its class's, so its arrival moves no one else there.
+            for stripe in range(stripes):
+                order = [name for pos, name in members if pos % stripes == stripe]
+                order += [name for pos, name in members if pos % stripes != stripe]
+                self._add(order)
+            return
+        # Some are slow: they go last. The others are dealt into classes by rank, and stripe s
+        # takes class s first, then classes s + 1, s + 2, ... in turn: where class s has fewer
+        # members than the stripe has inner places, the next classes fill them, so every fast
+        # member relays about as much (the join positions of the fast may fall into few classes).
+        fast = [name for _, name in members if name not in slow]
+        last = [name for _, name in members if name in slow]
+        for stripe in range(stripes):
+            dealt = sorted(range(len(fast)), key=lambda rank: ((rank - stripe) % stripes, rank))
+            self._add([fast[rank] for rank in dealt] + last)
+
+    def _add(self, order: list[str]) -> None:
+        self.orders.append(order)
+        self.places.append({name: i for i, name in enumerate(order)})
+
+    def families(self) -> list[tuple[int, str, list[str]]]:
+        """(stripe, relay, its children) for every member with children in some stripe (in a
+        heap, node k's children are the places fanout * k + 1 .. fanout * k + fanout)."""
+        out: list[tuple[int, str, list[str]]] = []
+        fanout = self.fanout
+        for stripe, order in enumerate(self.orders):
+            for k in range(-(-(len(order) - 1) // fanout)):  # ceil((len - 1) / fanout) inner nodes
+                out.append((stripe, order[k], order[fanout * k + 1 : fanout * k + fanout + 1]))
+        return out
 
     def parents(self, name: str) -> list[str | None] | None:
         """The parent in each stripe (None where `name` is the root), or None if not a member."""
@@ -119,6 +156,18 @@ class RelayTrees:
             place = places[name]
             out.append(order[(place - 1) // self.fanout] if place else None)
         return out
+
+
+def stripe_share(segments: SegmentSet, stripe: int, stripes: int, block: int) -> int:
+    """How many of `segments` belong to `stripe` (block number mod `stripes`): O(runs)."""
+    cycle = stripes * block
+    low = stripe * block
+
+    def before(x: int) -> int:  # the stripe's segments in [0, x)
+        whole, rest = divmod(x, cycle)
+        return whole * block + min(max(rest - low, 0), block)
+
+    return sum(before(first + count) - before(first) for first, count in segments.runs())
 
 
 def relay_for(downloaders: list[tuple[int, Holder]], requester: str, fanout: int) -> Relay | None:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from broker.planner import BROKER_SOURCE, MAX_PARTIAL_HOLDERS, Relay, RelayTrees, plan_download
+from broker.planner import BROKER_SOURCE, MAX_PARTIAL_HOLDERS, Relay, RelayTrees, plan_download, stripe_share
 from broker.registry import Holder, Registry
 from common import protocol
 from common.errors import WireCode
@@ -73,6 +73,13 @@ MAX_PLAN_SOURCES = 256  # a GET names at most this many peers (the wire allows 4
 GET_WAIT_S = 2.0  # a GET waits this long for a manifest being rebuilt, then is told to retry
 MAX_WAITING_GETS = 10_000  # beyond this, GETs for files being rebuilt are told to retry at once
 MAX_CACHED_TREES = 1024  # files whose relay trees are kept between GETs
+# A relay whose peak upload is this many times below the fastest downloader's of its file
+# becomes a leaf: a 20 Mbit/s uplink relaying a stripe to four children among 100 Mbit/s ones
+# holds all of them back (with 100 / 20 links it is 5x; a loaded machine's spread stays under 3x).
+SLOW_RELAY_FACTOR = 3.0
+RELAY_SETTLE_S = 1.0  # a relay is judged once it has had children this long
+RELAY_CHECK_S = 0.5  # relays are judged at most this often (a GET of the file runs the check)
+SLOW_LAG_SEGMENTS = 128  # 2 MiB: children this far behind their relay wait on its uplink
 
 Reply = tuple[bytes, Message]  # (connection id, message)
 
@@ -114,6 +121,19 @@ class TrackerSettings:
         # Half an interval of grace: a peer that lost liveness - 1 heartbeats in a row and whose
         # next one is a little late is alive; a dead one is gone within interval x (liveness + 1).
         return self.heartbeat_interval_s * (self.heartbeat_liveness + 0.5)
+
+
+@dataclass(slots=True)
+class _FileTrees:
+    """One file's relay trees and what they were built from."""
+
+    file_id: bytes
+    version: int  # of the file's set of downloaders (Registry.members)
+    trees: RelayTrees
+    crowd: frozenset[str]  # the downloaders
+    slow: frozenset[str]  # relays found slow: leaves in every stripe
+    built_at: float  # when the first of these downloaders' trees were built
+    checked_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +189,10 @@ class TrackerMetrics:
         self.segments_planned = metrics.counter(
             "segments_planned_total", "segments planned, by why their source was chosen", ("why",)
         )
+        self.slow_relays = metrics.counter(
+            "slow_relays_total",
+            "downloaders moved to the relay trees' leaves: their uplink relayed far slower",
+        )
         self.segments_relayed = metrics.counter(
             "segments_relayed_total", "segments planned from a relay-tree parent not yet holding them"
         )
@@ -191,7 +215,7 @@ class Tracker:
             settings.peer_expiry_s, strike_limit=settings.strike_limit, bench_s=settings.bench_s
         )
         self.get_counts: dict[bytes, int] = {}
-        self._trees: dict[bytes, tuple[int, RelayTrees, frozenset[str]]] = {}
+        self._trees: dict[bytes, _FileTrees] = {}
         self.bench_log: list[dict[str, Any]] = []
         self._waiting: list[tuple[float, int, _WaitingGet]] = []  # heap by deadline
         self._waiting_seq = 0
@@ -433,16 +457,79 @@ class Tracker:
         return Error(request.rid, WireCode.BUSY, f"the manifest of {request.name!r} is being rebuilt; retry")
 
     def _relay_trees(self, file_id: bytes, segments: int, now: float) -> tuple[RelayTrees, frozenset[str]]:
-        """The file's relay trees, rebuilt only when its set of downloaders changed."""
+        """The file's relay trees, rebuilt when its set of downloaders changed or a relay
+        turned out slow."""
         s = self.settings
         version, members = self.registry.members(file_id, segments, now, s.download_idle_s)
         cached = self._trees.get(file_id)
-        if cached is None or cached[0] != version:
-            cached = (version, RelayTrees(members, s.relay_fanout), frozenset(name for _, name in members))
+        if cached is None or cached.version != version:
+            names = frozenset(name for _, name in members)
+            # What was learnt of the relays stays while they download; a file whose downloaders
+            # come and go all the time is judged from its first trees on, not never.
+            slow = cached.slow & names if cached is not None else frozenset()
+            since = cached.built_at if cached is not None and cached.crowd & names else now
+            cached = _FileTrees(
+                file_id, version, RelayTrees(members, s.relay_fanout, slow), names, slow, since, now
+            )
             self._trees[file_id] = cached
             if len(self._trees) > MAX_CACHED_TREES:
                 self._trees.pop(next(iter(self._trees)))
-        return cached[1], cached[2]
+        elif now - cached.checked_at >= RELAY_CHECK_S:
+            cached.checked_at = now
+            slow = self._slow_relays(cached, now)
+            if slow != cached.slow:
+                log.info(
+                    "relays of file %s: %s relay far slower than the others; they become leaves",
+                    file_id.hex()[:12],
+                    ", ".join(sorted(slow - cached.slow)),
+                )
+                self.m.slow_relays.inc(len(slow - cached.slow))
+                cached.slow = slow
+                cached.trees = RelayTrees(members, s.relay_fanout, slow)
+        return cached.trees, cached.crowd
+
+    def slow_relays(self, file_id: bytes) -> frozenset[str]:
+        """The downloaders of a file found too slow to relay (leaves of its relay trees)."""
+        cached = self._trees.get(file_id)
+        return cached.slow if cached is not None else frozenset()
+
+    def _slow_relays(self, cached: _FileTrees, now: float) -> frozenset[str]:
+        """The slow set grown by the relays that hold their children back: their children lag
+        more than SLOW_LAG_SEGMENTS behind them in the stripe they relay (so what limits the
+        children is the relay's uplink, not what reaches the relay), and the relay's peak upload
+        rate (heartbeats) is under 1 / SLOW_RELAY_FACTOR of the fastest downloader's. Judged once
+        the trees have stood RELAY_SETTLE_S. Neither figure alone will do: a relay fed slowly
+        uploads slowly on a fast link, and a fast relay's children lag while they start."""
+        trees = cached.trees
+        if now - cached.built_at < RELAY_SETTLE_S or len(cached.crowd) <= trees.stripes:
+            return cached.slow
+        peers = self.registry.peers
+        best = max((peers[name].up_bps for name in cached.crowd if name in peers), default=0)
+        if not best:
+            return cached.slow
+        file_id, block = cached.file_id, self.settings.plan_block_segments
+        held: dict[tuple[str, int], int] = {}
+
+        def share(name: str, stripe: int) -> int:
+            if (name, stripe) not in held:
+                record = peers.get(name)
+                segments = record.holdings.get(file_id) if record is not None else None
+                held[name, stripe] = (
+                    stripe_share(segments, stripe, trees.stripes, block) if segments is not None else 0
+                )
+            return held[name, stripe]
+
+        slow: set[str] = set()
+        for stripe, relay, children in trees.families():
+            record = peers.get(relay)
+            if relay in cached.slow or record is None or not children:
+                continue
+            if not 0 < record.up_bps * SLOW_RELAY_FACTOR < best:
+                continue
+            behind = share(relay, stripe) - sum(share(c, stripe) for c in children) / len(children)
+            if behind > SLOW_LAG_SEGMENTS:
+                slow.add(relay)
+        return cached.slow | slow if slow else cached.slow
 
     def _relay(self, trees: RelayTrees, file_id: bytes, peer: str, now: float) -> Relay | None:
         names = trees.parents(peer)

@@ -169,7 +169,7 @@ class Console:
     def write_log(self, text: str, stream: Any) -> None:
         with self._held():
             bar, prompt = self._bar, self._prompt
-            if bar is not None:
+            if bar is not None and _bar_drawn(bar):
                 type(bar).write(text, file=stream)
             elif prompt is not None and _isatty(stream) and _isatty(sys.stdout):
                 stream.write("\r\x1b[K" + text + "\n")  # clear the prompt line, then the log line
@@ -188,6 +188,15 @@ class Console:
         with self._held():
             out.write(text + "\n")
             out.flush()
+
+
+def _bar_drawn(bar: Any) -> bool:
+    """Has tqdm drawn this bar yet? A bar made with `delay` stays hidden until the delay is over,
+    but `tqdm.write` draws every bar again below the line it writes, hidden or not, and `close`
+    then leaves such a bar on the screen (it clears only bars it drew itself): the result line
+    would follow it on the same line. So lines go through `tqdm.write` only once the bar shows."""
+    last = getattr(bar, "last_print_t", None)
+    return last is not None and last >= bar.start_t + bar.delay
 
 
 console = Console()

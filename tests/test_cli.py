@@ -131,6 +131,23 @@ def test_a_real_bar_is_redrawn_below_a_log_line(
     assert "movie.bin:  40%" in before and "movie.bin:  40%" in after  # cleared, written, redrawn
 
 
+def test_a_log_line_before_a_delayed_bar_shows_leaves_no_bar_behind(
+    console_logger: tuple[logging.Logger, FakeTerminal, Console],
+) -> None:
+    """A download that ends before the bar's delay: its "done" log line must not draw the bar
+    (tqdm.write redraws every bar, shown or not, and close leaves such a bar on the screen, so
+    the result line was printed on the same line as a 0% bar: seen in the README test)."""
+    from tqdm import tqdm
+
+    logger, stream, console = console_logger
+    bar = tqdm(total=13, file=stream, desc="hello.txt", ncols=80, delay=60.0)
+    with console.showing_bar(bar):
+        logger.warning("hello.txt: done")
+    bar.close()
+    stream.write("hello.txt: 13 bytes\n")
+    assert stream.getvalue() == "WARNING hello.txt: done\nhello.txt: 13 bytes\n"
+
+
 def test_a_log_line_at_the_prompt_clears_it_and_redraws_it(
     console_logger: tuple[logging.Logger, FakeTerminal, Console], monkeypatch: pytest.MonkeyPatch
 ) -> None:

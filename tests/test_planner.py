@@ -9,7 +9,15 @@ from collections import Counter
 
 import pytest
 
-from broker.planner import BROKER_SOURCE, Plan, _block_index, plan_download, relay_for
+from broker.planner import (
+    BROKER_SOURCE,
+    Plan,
+    RelayTrees,
+    _block_index,
+    plan_download,
+    relay_for,
+    stripe_share,
+)
 from broker.registry import Holder
 from common.ranges import Run, SegmentSet
 
@@ -379,6 +387,53 @@ def test_a_newcomer_moves_parents_in_its_own_class_stripe_only() -> None:
         for stripe in range(fanout):
             if stripe != newcomer_class:
                 assert after[name][stripe] == parents[stripe], (name, stripe)
+
+
+@pytest.mark.parametrize(("n", "slow_every"), [(16, 2), (16, 4), (21, 3), (100, 2), (7, 2)])
+def test_slow_members_are_leaves_and_the_fast_relay_evenly(n: int, slow_every: int) -> None:
+    fanout = 4
+    members = [(pos, f"d{pos}") for pos in range(n)]
+    slow = frozenset(f"d{pos}" for pos in range(n) if pos % slow_every == 1)
+    trees = RelayTrees(members, fanout, slow)
+    fast = [name for _, name in members if name not in slow]
+    relays: Counter[str] = Counter()
+    for stripe, relay, children in trees.families():
+        relays[relay] += 1
+        assert len(children) <= fanout
+        if len(fast) > trees.stripes:  # enough fast members to fill the inner places
+            assert relay not in slow, (stripe, relay)
+    for name in slow:
+        parents = trees.parents(name)
+        assert parents is not None and None not in parents  # never a root
+    # every member gets every stripe once: one parent per stripe but the root's
+    for _, name in members:
+        parents = trees.parents(name)
+        assert parents is not None and len(parents) == trees.stripes
+    # the fast share the relaying: no one relays more than one stripe beyond its even share
+    even = -(-sum(relays.values()) // len(fast))
+    assert max(relays.values()) <= even + 1, relays
+
+
+def test_without_slow_members_the_trees_are_as_before() -> None:
+    members = [(pos, f"d{pos}") for pos in range(20)]
+    assert RelayTrees(members, 4).orders == RelayTrees(members, 4, frozenset()).orders
+    # class s (join position mod 4) first in stripe s, the others in join order
+    order = RelayTrees(members, 4).orders[1]
+    assert order[:5] == ["d1", "d5", "d9", "d13", "d17"]
+    assert order[5:8] == ["d0", "d2", "d3"]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stripe_share_counts_the_segments_of_a_stripe(seed: int) -> None:
+    rng = random.Random(seed)
+    n, block, stripes = rng.randrange(1, 3000), rng.choice([1, 4, 64]), rng.randrange(1, 6)
+    held = SegmentSet()
+    for _ in range(rng.randrange(0, 12)):
+        first = rng.randrange(n)
+        held.add(first, rng.randrange(1, n - first + 1))
+    for stripe in range(stripes):
+        expected = sum(1 for i in range(n) if i in held and (i // block) % stripes == stripe)
+        assert stripe_share(held, stripe, stripes, block) == expected
 
 
 def test_relay_plans_what_no_holder_has_from_the_parents_in_ascending_order() -> None:
