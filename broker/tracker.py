@@ -79,7 +79,7 @@ MAX_CACHED_TREES = 1024  # files whose relay trees are kept between GETs
 SLOW_RELAY_FACTOR = 3.0
 RELAY_SETTLE_S = 1.0  # a relay is judged once it has had children this long
 RELAY_CHECK_S = 0.5  # relays are judged at most this often (a GET of the file runs the check)
-SLOW_LAG_SEGMENTS = 128  # 2 MiB: children this far behind their relay wait on its uplink
+SLOW_LAG_SEGMENTS = 64  # 1 MiB: children this far behind their relay wait on its uplink
 
 Reply = tuple[bytes, Message]  # (connection id, message)
 
