@@ -47,6 +47,9 @@ class BrokerConfig(ConfigModel):
     # through one tree per stripe of the file over its active downloaders, each node passing
     # it on to at most this many others. Larger: shallower trees, more load per inner node.
     relay_fanout: int = Field(default=4, ge=1, le=64)
+    # A relay whose children lag behind it and whose peak upload is this many times below the
+    # fastest downloader's of the file becomes a leaf of every relay tree (0: never).
+    slow_relay_factor: float = Field(default=3.0, ge=0.0, le=100.0)
     # A downloader that neither asks for a plan nor reports progress for this long leaves the
     # relay trees (it stalled, or was stopped without saying so).
     download_idle_s: float = Field(default=2.0, gt=0.0, le=DAY_S)

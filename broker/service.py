@@ -129,6 +129,7 @@ class TrackerService(ServiceThread):
             plan_block_segments=config.plan_block_segments,
             origin_lanes=config.origin_lanes,
             relay_fanout=config.relay_fanout,
+            slow_relay_factor=config.slow_relay_factor,
             download_idle_s=config.download_idle_s,
             strike_limit=config.strike_limit,
             bench_s=config.bench_s,

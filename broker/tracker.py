@@ -73,9 +73,10 @@ MAX_PLAN_SOURCES = 256  # a GET names at most this many peers (the wire allows 4
 GET_WAIT_S = 2.0  # a GET waits this long for a manifest being rebuilt, then is told to retry
 MAX_WAITING_GETS = 10_000  # beyond this, GETs for files being rebuilt are told to retry at once
 MAX_CACHED_TREES = 1024  # files whose relay trees are kept between GETs
-# A relay whose peak upload is this many times below the fastest downloader's of its file
-# becomes a leaf: a 20 Mbit/s uplink relaying a stripe to four children among 100 Mbit/s ones
-# holds all of them back (with 100 / 20 links it is 5x; a loaded machine's spread stays under 3x).
+# The default of TrackerSettings.slow_relay_factor: a relay whose peak upload is this many
+# times below the fastest downloader's of its file (and whose children lag) becomes a leaf: a
+# 20 Mbit/s uplink relaying a stripe to four children among 100 Mbit/s ones holds all of them
+# back (with 100 / 20 links it is 5x).
 SLOW_RELAY_FACTOR = 3.0
 RELAY_SETTLE_S = 1.0  # a relay is judged once it has had children this long
 RELAY_CHECK_S = 0.5  # relays are judged at most this often (a GET of the file runs the check)
@@ -111,6 +112,7 @@ class TrackerSettings:
     plan_block_segments: int = 64
     origin_lanes: int = 2
     relay_fanout: int = 4
+    slow_relay_factor: float = SLOW_RELAY_FACTOR  # 0: relays are never judged slow
     download_idle_s: float = 2.0
     strike_limit: int = 3
     bench_s: float = 30.0
@@ -474,7 +476,7 @@ class Tracker:
             self._trees[file_id] = cached
             if len(self._trees) > MAX_CACHED_TREES:
                 self._trees.pop(next(iter(self._trees)))
-        elif now - cached.checked_at >= RELAY_CHECK_S:
+        elif s.slow_relay_factor and now - cached.checked_at >= RELAY_CHECK_S:
             cached.checked_at = now
             slow = self._slow_relays(cached, now)
             if slow != cached.slow:
@@ -497,7 +499,7 @@ class Tracker:
         """The slow set grown by the relays that hold their children back: their children lag
         more than SLOW_LAG_SEGMENTS behind them in the stripe they relay (so what limits the
         children is the relay's uplink, not what reaches the relay), and the relay's peak upload
-        rate (heartbeats) is under 1 / SLOW_RELAY_FACTOR of the fastest downloader's. Judged once
+        rate (heartbeats) is under 1 / slow_relay_factor of the fastest downloader's. Judged once
         the trees have stood RELAY_SETTLE_S. Neither figure alone will do: a relay fed slowly
         uploads slowly on a fast link, and a fast relay's children lag while they start."""
         trees = cached.trees
@@ -524,7 +526,7 @@ class Tracker:
             record = peers.get(relay)
             if relay in cached.slow or record is None or not children:
                 continue
-            if not 0 < record.up_bps * SLOW_RELAY_FACTOR < best:
+            if not 0 < record.up_bps * self.settings.slow_relay_factor < best:
                 continue
             behind = share(relay, stripe) - sum(share(c, stripe) for c in children) / len(children)
             if behind > SLOW_LAG_SEGMENTS:

@@ -528,6 +528,7 @@ class SimSettings:
     plan_block_segments: int = 64
     origin_lanes: int = 2
     relay_fanout: int = 4
+    slow_relay_factor: float = 3.0
     download_idle_s: float = 2.0
     plan_policy: str = "swarm"
     peer: TransferSettings = field(default_factory=TransferSettings)
@@ -546,6 +547,7 @@ class SimSettings:
             plan_block_segments=broker["plan_block_segments"],
             origin_lanes=broker["origin_lanes"],
             relay_fanout=broker["relay_fanout"],
+            slow_relay_factor=broker["slow_relay_factor"],
             download_idle_s=broker["download_idle_s"],
             plan_policy=broker["plan_policy"],
             peer=TransferSettings(
@@ -590,6 +592,7 @@ class SimSwarm:
                 plan_block_segments=s.plan_block_segments,
                 origin_lanes=s.origin_lanes,
                 relay_fanout=s.relay_fanout,
+                slow_relay_factor=s.slow_relay_factor,
                 download_idle_s=s.download_idle_s,
             ),
             self.catalog,
