@@ -107,7 +107,6 @@ class RelayTrees:
         where the heap's leaves are, so the others relay for them (SplitStream's forwarding
         capacity, with two classes)."""
         self.fanout = max(1, fanout)
-        self.slow = slow
         # Fewer downloaders than stripes: as many stripes as downloaders, so that no stripe is
         # without an inner node of its own.
         self.stripes = max(1, min(self.fanout, len(members)))
