@@ -466,17 +466,24 @@ class Tracker:
         cached = self._trees.get(file_id)
         if cached is None or cached.version != version:
             names = frozenset(name for _, name in members)
-            # What was learnt of the relays stays while they download; a file whose downloaders
-            # come and go all the time is judged from its first trees on, not never.
+            # What was learnt of the relays, and when they were last judged, outlive a change of
+            # the downloaders, and a GET that rebuilds the trees judges them too when it is time:
+            # while downloaders come and go, the judgement waits for no GET that changes nothing.
+            kept = cached if cached is not None and cached.crowd & names else None
             slow = cached.slow & names if cached is not None else frozenset()
-            since = cached.built_at if cached is not None and cached.crowd & names else now
             cached = _FileTrees(
-                file_id, version, RelayTrees(members, s.relay_fanout, slow), names, slow, since, now
+                file_id,
+                version,
+                RelayTrees(members, s.relay_fanout, slow),
+                names,
+                slow,
+                kept.built_at if kept is not None else now,
+                kept.checked_at if kept is not None else now,
             )
             self._trees[file_id] = cached
             if len(self._trees) > MAX_CACHED_TREES:
                 self._trees.pop(next(iter(self._trees)))
-        elif s.slow_relay_factor and now - cached.checked_at >= RELAY_CHECK_S:
+        if s.slow_relay_factor and now - cached.checked_at >= RELAY_CHECK_S:
             cached.checked_at = now
             slow = self._slow_relays(cached, now)
             if slow != cached.slow:

@@ -42,7 +42,7 @@ from typing import Any
 
 from blake3 import blake3
 
-from broker.tracker import Tracker, TrackerSettings
+from broker.tracker import SLOW_RELAY_FACTOR, Tracker, TrackerSettings
 from common.errors import WireCode
 from common.manifest import DIGEST_SIZE, SEGMENT_SIZE, Manifest, segment_count
 from common.metrics import Metrics, PeakRate
@@ -528,7 +528,7 @@ class SimSettings:
     plan_block_segments: int = 64
     origin_lanes: int = 2
     relay_fanout: int = 4
-    slow_relay_factor: float = 3.0
+    slow_relay_factor: float = SLOW_RELAY_FACTOR
     download_idle_s: float = 2.0
     plan_policy: str = "swarm"
     peer: TransferSettings = field(default_factory=TransferSettings)
