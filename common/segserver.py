@@ -69,6 +69,7 @@ BUDGET_POLL_S = 0.002  # while a client waits for its replies to drain, look thi
 QUEUE_MAX_S = 10.0  # a request waiting longer is answered busy (its downloader gave up long ago)
 SNDHWM = 16  # messages per connection: bytes are bounded by the budget, not by this
 _BATCH = 64  # requests handled per wake-up before polling again
+SERVED_MEMORY = 4096  # clients whose last service is remembered for the turn order
 
 
 class SourceBusy(Exception):
@@ -100,6 +101,16 @@ class _Waiting:
     arrived: float = 0.0
 
 
+@dataclass
+class _Paced:
+    """A reply held on a capped link until `leaves_at`."""
+
+    leaves_at: float
+    client: str
+    envelope: list[bytes]
+    reply: SegmentData
+
+
 class SegmentServer(ServiceThread):
     def __init__(
         self,
@@ -116,9 +127,13 @@ class SegmentServer(ServiceThread):
         self.reader = reader
         self.host, self.port, self.port_key = host, port, port_key
         # Upload cap (0: none). Requests wait until the capped link would be free, like a slow
-        # uplink, served round-robin over clients; requests keep being read meanwhile.
+        # uplink, served round-robin over clients; requests keep being read meanwhile. A reply
+        # leaves when its last byte would have crossed that link, never before: a downloader
+        # then measures the link's rate from its first reply, as it would on a real slow uplink
+        # (sent at once and paid for afterwards, a first reply looked as fast as loopback).
         self.upload_limit_bytes_s = upload_limit_bytes_s
         self._link_free_at = 0.0
+        self._paced: deque[_Paced] = deque()  # replies on the capped link, oldest first
         self.budget = ReplyBudget(CLIENT_REPLY_BYTES, TOTAL_REPLY_BYTES, CLIENT_WINDOW)
         # Owned by this thread; others read `published`, a snapshot refreshed after each batch.
         self.metrics = Metrics()
@@ -151,6 +166,9 @@ class SegmentServer(ServiceThread):
         self._turn: deque[str] = deque()
         self._queued_count = 0
         self._per_client: dict[str, int] = {}  # waiting requests (queued and parked) per client
+        # When each client was last served (a serving sequence number), for the turn order.
+        self._served_seq: dict[str, int] = {}
+        self._seq = 0
         self._held_changed: set[bytes] = set()
         self._held_lock = threading.Lock()
         self._bad_log = RateLimitedLog(log)
@@ -187,6 +205,8 @@ class SegmentServer(ServiceThread):
 
     def next_timeout_ms(self, now: float) -> int:
         deadlines = [p.deadline for parked in self._parked.values() for p in parked[:1]]
+        if self._paced:
+            deadlines.append(self._paced[0].leaves_at)
         if self._queued_count:
             if self.upload_limit_bytes_s > 0 and self._link_free_at > now:
                 deadlines.append(self._link_free_at)
@@ -204,6 +224,8 @@ class SegmentServer(ServiceThread):
         if sock is None:
             return
         now = time.monotonic()
+        if self._paced:
+            self._send_paced(sock, now)
         if self._parked:
             self._release_parked(sock, now)
         if self._queued_count:
@@ -296,7 +318,15 @@ class SegmentServer(ServiceThread):
         queue = self._queues.get(item.client)
         if queue is None:
             queue = self._queues[item.client] = deque()
-            self._turn.append(item.client)
+            # Least recently served first. A client with one request in flight sends the next
+            # only once its reply is back; on a capped link that is when the link frees, so
+            # queued at the back it would wait behind a pipelining client every other turn.
+            served = self._served_seq.get(item.client, -1)
+            turn = self._turn
+            place = next(
+                (i for i, other in enumerate(turn) if self._served_seq.get(other, -1) > served), len(turn)
+            )
+            turn.insert(place, item.client)
         queue.append(item)
         self._queued_count += 1
         if fresh:
@@ -359,6 +389,10 @@ class SegmentServer(ServiceThread):
         if counted:
             self._release_count(item.client)
         self._dirty = True
+        self._note_served(item.client)
+        if self.upload_limit_bytes_s > 0:
+            self._serve_paced(sock, item, now)
+            return
         # The routing id goes first: if the client is gone (EHOSTUNREACH) or not reading (its
         # queue is full: EAGAIN), nothing is read from disk for it. Once that frame is queued,
         # the rest of the message is too (a ROUTER queues whole messages).
@@ -367,11 +401,34 @@ class SegmentServer(ServiceThread):
         except zmq.ZMQError as exc:
             self._bad_log.warning("%s: reply dropped before reading: %s", self.name, exc.strerror)
             return
+        self._send(sock, item.client, item.envelope[1:], self._serve(item.request))
+
+    def _note_served(self, client: str) -> None:
+        self._seq += 1
+        served = self._served_seq
+        served[client] = self._seq
+        if len(served) > SERVED_MEMORY:  # bounded: forget the clients served longest ago
+            for name in sorted(served, key=served.__getitem__)[: len(served) - SERVED_MEMORY // 2]:
+                del served[name]
+
+    def _serve_paced(self, sock: zmq.Socket[Any], item: _Waiting, now: float) -> None:
+        """On a capped link: read the reply now and hold it until its bytes would have crossed
+        the link (an error, carrying no payload, leaves at once). The link is free again then,
+        so at most one reply per link period is held: memory stays one reply's worth."""
         reply = self._serve(item.request)
-        if isinstance(reply, SegmentData) and self.upload_limit_bytes_s > 0:
-            start = max(now, self._link_free_at)
-            self._link_free_at = start + len(reply.payload) / self.upload_limit_bytes_s
-        self._send(sock, item.client, item.envelope[1:], reply)
+        if not isinstance(reply, SegmentData) or not reply.payload:
+            self._send(sock, item.client, item.envelope, reply)
+            return
+        size = len(reply.payload)
+        start = max(now, self._link_free_at)
+        self._link_free_at = start + size / self.upload_limit_bytes_s
+        self._paced.append(_Paced(self._link_free_at, item.client, item.envelope, reply))
+
+    def _send_paced(self, sock: zmq.Socket[Any], now: float) -> None:
+        while self._paced and self._paced[0].leaves_at <= now:
+            paced = self._paced.popleft()
+            self._send(sock, paced.client, paced.envelope, paced.reply)
+            self._dirty = True
 
     def _serve(self, request: SegmentRequest) -> SegmentData | Error:
         file_id = request.file_id

@@ -7,7 +7,6 @@ when the fault hits."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -35,7 +34,7 @@ from common.protocol import (
 from launcher import ProcessBroker, ProcessPeer, Swarm
 from peer import GetFuture, Peer
 from peer.store import Store
-from tests.helpers import RawClient, wait_until, write_random
+from tests.helpers import RawClient, seed_peer, wait_until, write_random
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,16 +44,6 @@ StartPeer = Callable[..., Peer]
 INTERVAL_S = 0.25
 LIVENESS = 3
 EXPIRY_BOUND_S = INTERVAL_S * (LIVENESS + 1)  # the promise: evicted within interval x (liveness + 1)
-
-
-def seed_peer(data_dir: Path, source: Path, name: str) -> Manifest:
-    """Give a peer a complete copy before it starts (as if it had downloaded it earlier)."""
-    manifest = hash_file(source, name)
-    Store(data_dir).save_manifest(manifest)
-    target = data_dir / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
-    return manifest
 
 
 def process_state(pid: int) -> str:
