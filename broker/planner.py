@@ -230,6 +230,7 @@ def plan_download(
     relay_index: dict[str, int] = {}
     promised: dict[str, SegmentSet] = {}
     relay_why: dict[str, SourceReason] = {}
+    relay_load: dict[str, int] = {}  # segments given in this plan to relay places that hold them
     relayed = 0
 
     def relay_source(h: Holder, why: SourceReason) -> int:
@@ -306,13 +307,26 @@ def plan_download(
             best = -1
             if covering:
                 best = min(covering, key=lambda i: loads[i] + assigned[i])
-            if heap and (best < 0 or heap[0][0] <= loads[best] + assigned[best]):
-                _, best = heapq.heappop(heap)
+            from_heap = bool(heap) and (best < 0 or heap[0][0] <= loads[best] + assigned[best])
+            if from_heap:
+                best = heap[0][1]
+            # A relay place that already holds the run (a downloader that finished, keeping its
+            # place for a while) is a holder too: it serves the run when it is less loaded than
+            # the best holder (a slow or busy seed must not get the whole download from it).
+            sharer = _relay_holder(relay, number, pos, n) if best >= 0 and relay is not None else None
+            if sharer is not None and min(sharer.load, fair) + relay_load.get(sharer.name, 0) < (
+                loads[best] + assigned[best]
+            ):
+                relay_load[sharer.name] = relay_load.get(sharer.name, 0) + n
+                add(pos, n, relay_source(sharer, SourceReason.RELAY), availability)
+                relayed += n
+            elif from_heap:
+                heapq.heappop(heap)
                 assigned[best] += n
                 heapq.heappush(heap, (loads[best] + assigned[best], best))
+                add(pos, n, best, availability)
             elif best >= 0:
                 assigned[best] += n
-            if best >= 0:
                 add(pos, n, best, availability)
             elif overlapping:
                 _plan_segments(pos, n, holders, loads, overlapping, assigned, broker_index, add_or_relay)
@@ -352,6 +366,17 @@ def plan_download(
         for _, _, first, count, source in blocks
     )
     return Plan(sources, entries, relayed)
+
+
+def _relay_holder(relay: Relay, number: int, first: int, count: int) -> Holder | None:
+    """The requester's relay source for block `number` if it holds `first .. first + count`
+    already: its parent in the block's stripe, or, where it is the root, the least loaded other
+    downloader holding it."""
+    parent = relay.parents[number % relay.stripes]
+    if parent is not None:
+        return parent if parent.segments.covers(first, count) else None
+    holding = [h for h in relay.downloaders if h.segments.covers(first, count)]
+    return min(holding, key=lambda h: h.load) if holding else None
 
 
 def _block_index(

@@ -491,6 +491,31 @@ def test_holders_come_before_the_relay_trees() -> None:
     assert plan.sources[0].why == "complete" and plan.segments_by_reason() == {"complete": n}
 
 
+def test_a_finished_relay_place_shares_with_the_seeds_by_load() -> None:
+    # A downloader that finished keeps its relay places for a while. A newcomer's plan takes
+    # the blocks that place holds from it when it is less loaded than the best seed: a busy or
+    # slow seed must not carry the whole download while the finished copy idles (before, the
+    # seed got everything: a newcomer waited on a 0.1 MiB/s seed for 10 s).
+    n, block = 64 * 4, 64
+    ds = downloaders(2, held={0: [(0, n)]})  # d0 finished; d1 is the newcomer
+    relay = relay_for(ds, "d1", 4)
+    assert relay is not None and relay.parents == (ds[0][1], None)  # d0's child in stripe 0
+    busy = plan_download(
+        n, SegmentSet.full(n), [full("seed", n, load=500.0)], ORIGIN, block=block, relay=relay
+    )
+    assert set(assignment(busy).values()) == {"d0"}
+    assert busy.relayed == n
+    assert {str(src.why) for src in busy.sources if src.name == "d0"} == {"relay"}
+    idle = plan_download(n, SegmentSet.full(n), [full("seed", n)], ORIGIN, block=block, relay=relay)
+    assert sorted(Counter(assignment(idle).values()).items()) == [("d0", 128), ("seed", 128)]
+    # A place that does not hold the run yet leaves it to the seed, as before.
+    fresh = relay_for(downloaders(2), "d1", 4)
+    plan = plan_download(
+        n, SegmentSet.full(n), [full("seed", n, load=500.0)], ORIGIN, block=block, relay=fresh
+    )
+    assert set(assignment(plan).values()) == {"seed"}
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_random_relay_plans_every_needed_segment_once(seed: int) -> None:
     rng = random.Random(2000 + seed)
