@@ -368,6 +368,43 @@ def plan_download(
     return Plan(sources, entries, relayed)
 
 
+def lend_origin(plan: Plan, keep: dict[str, int], most: int) -> tuple[Plan, int]:
+    """The origin takes over work from slow sources: each source named in `keep` keeps its first
+    `keep[name]` planned segments (in fetch order) and the rest goes to the origin, `most`
+    segments at most in all (what the origin's spare upload delivers soon). Entries stay where
+    they are in the fetch order; a split entry becomes two. Returns (plan, segments moved)."""
+    broker = len(plan.sources) - 1
+    index = {src.name: i for i, src in enumerate(plan.sources[:-1])}
+    left = {index[name]: count for name, count in keep.items() if name in index}
+    if not left or most <= 0:
+        return plan, 0
+    entries: list[tuple[int, int, int]] = []
+    moved = relay_moved = 0
+    relaying = {
+        i for i, src in enumerate(plan.sources) if src.why in (SourceReason.RELAY, SourceReason.HOLDER)
+    }
+    for first, count, source in plan.entries:
+        kept = left.get(source)
+        if kept is None or count <= kept or moved >= most:
+            if kept is not None:
+                left[source] = max(kept - count, 0)
+            entries.append((first, count, source))
+            continue
+        if kept:
+            entries.append((first, kept, source))
+            left[source] = 0
+        lend = min(count - kept, most - moved)
+        entries.append((first + kept, lend, broker))
+        if kept + lend < count:
+            entries.append((first + kept + lend, count - kept - lend, source))
+        moved += lend
+        if source in relaying:
+            relay_moved += lend
+    if not moved:
+        return plan, 0
+    return Plan(plan.sources, tuple(entries), max(plan.relayed - relay_moved, 0)), moved
+
+
 def _relay_holder(relay: Relay, number: int, first: int, count: int) -> Holder | None:
     """The requester's relay source for block `number` if it holds `first .. first + count`
     already: its parent in the block's stripe, or, where it is the root, the least loaded other

@@ -170,7 +170,10 @@ class TrackerService(ServiceThread):
                 except zmq.Again:
                     break
                 self._on_frames(frames, tracker)
-        evicted, replies = tracker.tick(time.monotonic())
+        now = time.monotonic()
+        # The origin thread's snapshot (a reference swap: safe to read here) gives its bytes sent.
+        tracker.on_origin_upload(int(self.origin.published.get("served_bytes_total")), now)
+        evicted, replies = tracker.tick(now)
         for name in evicted:
             log.info("peer %s evicted: no heartbeat for %.1f s", name, self.config.peer_expiry_s)
         self._send(replies)

@@ -36,11 +36,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from broker.planner import BROKER_SOURCE, MAX_PARTIAL_HOLDERS, Relay, RelayTrees, plan_download, stripe_share
+from broker.planner import (
+    BROKER_SOURCE,
+    MAX_PARTIAL_HOLDERS,
+    Plan,
+    Relay,
+    RelayTrees,
+    lend_origin,
+    plan_download,
+    stripe_share,
+)
 from broker.registry import Holder, Registry
 from common import protocol
 from common.errors import WireCode
-from common.manifest import Manifest
+from common.manifest import SEGMENT_SIZE, Manifest
 from common.metrics import Metrics
 from common.protocol import (
     BadSource,
@@ -81,6 +90,11 @@ SLOW_RELAY_FACTOR = 3.0
 RELAY_SETTLE_S = 1.0  # a relay is judged once it has had children this long
 RELAY_CHECK_S = 0.5  # relays are judged at most this often (a GET of the file runs the check)
 SLOW_LAG_SEGMENTS = 64  # 1 MiB: children this far behind their relay wait on its uplink
+# The origin lends its spare upload to downloaders whose sources are far slower than it (the same
+# factor): such a source keeps what it delivers in LEND_HORIZON_S, the origin takes the rest, as
+# much as its spare upload sends in that time. Its rate is sampled every ORIGIN_SAMPLE_S.
+LEND_HORIZON_S = 1.0
+ORIGIN_SAMPLE_S = 1.0
 
 Reply = tuple[bytes, Message]  # (connection id, message)
 
@@ -195,6 +209,9 @@ class TrackerMetrics:
             "slow_relays_total",
             "downloaders moved to the relay trees' leaves: their uplink relayed far slower",
         )
+        self.segments_lent = metrics.counter(
+            "segments_lent_total", "segments planned from the origin instead of a far slower peer"
+        )
         self.segments_relayed = metrics.counter(
             "segments_relayed_total", "segments planned from a relay-tree parent not yet holding them"
         )
@@ -221,6 +238,13 @@ class Tracker:
         self.bench_log: list[dict[str, Any]] = []
         self._waiting: list[tuple[float, int, _WaitingGet]] = []  # heap by deadline
         self._waiting_seq = 0
+        # The origin's upload, as the shell reports its byte count: the rate of the last sample,
+        # the highest rate seen (its capacity, as far as anyone has loaded it), and the segments
+        # lent since the last sample (planned, not yet sent: they count against its spare).
+        self._origin_sample: tuple[float, int] | None = None
+        self.origin_rate_bps = 0.0
+        self.origin_capacity_bps = 0.0
+        self._origin_lent = 0
         # Figures of the broker's other threads (the origin's counters), added by the shell.
         self.extra_stats: Callable[[], dict[str, Any]] | None = None
         # Authenticated mode: the name a CURVE key (raw) may register as (the allow-list file it
@@ -228,6 +252,20 @@ class Tracker:
         self.key_names: Callable[[bytes], str | None] | None = None
 
     # ---- inputs
+
+    def on_origin_upload(self, sent_bytes: int, now: float) -> None:
+        """The origin's payload bytes sent so far (the shell reports it often; sampled every
+        ORIGIN_SAMPLE_S)."""
+        if self._origin_sample is None:
+            self._origin_sample = (now, sent_bytes)
+            return
+        then, before = self._origin_sample
+        if now - then < ORIGIN_SAMPLE_S:
+            return
+        self.origin_rate_bps = max(sent_bytes - before, 0) / (now - then)
+        self.origin_capacity_bps = max(self.origin_capacity_bps, self.origin_rate_bps)
+        self._origin_sample = (now, sent_bytes)
+        self._origin_lent = 0
 
     def on_request(
         self, request: Message, sender: bytes, now: float, key: bytes | None = None
@@ -422,6 +460,8 @@ class Tracker:
             rotate=_spread(nth, segments, s.plan_block_segments),
             relay=relay,
         )
+        if s.plan_policy == "swarm" and s.slow_relay_factor > 0:
+            plan = self._lend_origin(plan)
         per_source = plan.segments_per_source()
         for name, count in plan.segments_by_source(per_source).items():
             self.registry.note_planned(name, count, now)
@@ -442,6 +482,36 @@ class Tracker:
             plan=plan.entries,
             origin_lanes=s.origin_lanes,
         )
+
+    def _lend_origin(self, plan: Plan) -> Plan:
+        """Sources whose peak upload is `slow_relay_factor` times below the origin's spare upload
+        (its capacity less what it sends and has been lent) keep what they deliver in
+        LEND_HORIZON_S; the origin takes the rest, as much as that spare sends in that time. A
+        lone slow seed or relay no longer sets the pace of a download while the origin idles;
+        a busy origin has no spare, so a swarm's relaying is left alone."""
+        spare = (
+            self.origin_capacity_bps
+            - self.origin_rate_bps
+            - self._origin_lent * SEGMENT_SIZE / LEND_HORIZON_S
+        )
+        if spare <= 0:
+            return plan
+        factor = self.settings.slow_relay_factor
+        peers = self.registry.peers
+        keep: dict[str, int] = {}
+        for source in plan.sources[:-1]:
+            if source.runs is not None:
+                continue  # not a complete copy: a relay still fetching, part of a swarm at work
+            record = peers.get(source.name)
+            if record is not None and 0 < record.up_bps * factor < spare:
+                keep[source.name] = int(record.up_bps * LEND_HORIZON_S) // SEGMENT_SIZE
+        if not keep:
+            return plan
+        plan, moved = lend_origin(plan, keep, int(spare * LEND_HORIZON_S) // SEGMENT_SIZE)
+        if moved:
+            self._origin_lent += moved
+            self.m.segments_lent.inc(moved)
+        return plan
 
     def _wait_for_rebuild(self, request: Get, sender: bytes, now: float) -> Message | None:
         if len(self._waiting) >= MAX_WAITING_GETS:
@@ -691,6 +761,7 @@ class Tracker:
             "requests": requests,
             "evicted": self.registry.evicted_total,
             "segments_relayed": int(snap.get("segments_relayed_total")),
+            "segments_lent": int(snap.get("segments_lent_total")),
             "benched": list(self.bench_log),
             "metrics": snap.flat(),
             **(self.extra_stats() if self.extra_stats is not None else {}),

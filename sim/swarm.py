@@ -648,6 +648,7 @@ class SimSwarm:
 
     def _on_heartbeat(self, name: str, token: bytes, seq: int, up_bps: int) -> None:
         self.tracker.on_heartbeat(name, token, seq, self.clock.now, up_bps)
+        self.tracker.on_origin_upload(self.broker_host.payload_sent, self.clock.now)
 
     def _arm_tracker(self) -> None:
         deadline = self.tracker.next_deadline()

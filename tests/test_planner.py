@@ -14,6 +14,7 @@ from broker.planner import (
     Plan,
     RelayTrees,
     _block_index,
+    lend_origin,
     plan_download,
     relay_for,
     stripe_share,
@@ -514,6 +515,22 @@ def test_a_finished_relay_place_shares_with_the_seeds_by_load() -> None:
         n, SegmentSet.full(n), [full("seed", n, load=500.0)], ORIGIN, block=block, relay=fresh
     )
     assert set(assignment(plan).values()) == {"seed"}
+
+
+def test_lend_origin_keeps_the_first_planned_segments_and_moves_the_rest() -> None:
+    n, block = 64 * 4, 64
+    plan = plan_download(n, SegmentSet.full(n), [full("slow", n), full("fast", n)], ORIGIN, block=block)
+    before = assignment(plan)
+    lent, moved = lend_origin(plan, {"slow": 10, "nobody": 5}, most=1000)
+    after = assignment(lent)
+    assert set(after) == set(before)  # every segment still planned once
+    slow_order = [i for f, c, s in plan.entries if plan.sources[s].name == "slow" for i in range(f, f + c)]
+    assert [i for i in slow_order if after[i] == "slow"] == slow_order[:10]  # the first ten, in fetch order
+    assert moved == len(slow_order) - 10 and all(after[i] == BROKER_SOURCE for i in slow_order[10:])
+    assert all(after[i] == "fast" for i, s in before.items() if s == "fast")
+    capped, moved = lend_origin(plan, {"slow": 10}, most=20)  # the origin's spare: 20 segments
+    assert moved == 20 and Counter(assignment(capped).values())[BROKER_SOURCE] == 20
+    assert lend_origin(plan, {"nobody": 1}, most=100) == (plan, 0)
 
 
 @pytest.mark.parametrize("seed", range(20))

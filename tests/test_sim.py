@@ -11,7 +11,9 @@ import logging
 
 import pytest
 
+from broker.planner import Plan, PlannedSource
 from common.manifest import SEGMENT_SIZE
+from common.protocol import SourceReason
 from common.ranges import SegmentSet
 from peer.transfer import TransferSettings
 from sim.swarm import SimPeer, SimSettings, SimSwarm
@@ -231,6 +233,66 @@ def test_a_slow_source_costs_little() -> None:
     sources = get(sw, dl, "f.bin")
     assert sw.clock.now - start < 5.0  # far less than the slow source alone needs
     assert sources.get("fast", 0) >= f.segment_count - 16
+
+
+@pytest.mark.parametrize("lend", [True, False])
+def test_an_idle_origin_lends_its_upload_when_the_only_copy_is_slow(lend: bool) -> None:
+    # One slow copy (0.8 Mbit/s: the file takes it 21 s) and an origin that has shown what it can
+    # send: the origin takes over what the slow copy would deliver after its first second, once
+    # its heartbeats tell its rate. Lending off (factor 0), the slow copy sets the pace.
+    sw = swarm(slow_relay_factor=3.0 if lend else 0.0, download_idle_s=0.25)
+    f = sw.add_file("f.bin", 2 * 1024 * 1024)
+    slow = sw.add_peer("slow", 0.8 * MBIT)
+    sw.run(1.0)
+    assert get(sw, slow, "f.bin") == {"broker": f.segment_count}  # the origin's rate, seen
+    sw.run(2.0)  # slow has left the file's downloaders: a plain complete holder
+    dl = sw.add_peer("dl", 100 * MBIT)
+    sw.run(1.0)
+    start = sw.clock.now
+    sources = get(sw, dl, "f.bin")
+    took = sw.clock.now - start
+    lent = sw.tracker.metrics.snapshot().total("segments_lent_total")
+    if lend:
+        assert sources.get("broker", 0) >= f.segment_count * 3 // 4 and lent > 0
+        assert took < 5.0, took  # simulated seconds; the slow copy alone needs 21
+    else:
+        assert sources == {"slow": f.segment_count} and lent == 0
+        assert took > 20.0, took
+
+
+def test_a_busy_origin_lends_nothing() -> None:
+    # The same slow copy, but the origin is sending at the highest rate it has shown: no spare.
+    sw = swarm(download_idle_s=0.25)
+    tracker = sw.tracker
+    tracker.on_origin_upload(0, 0.0)
+    tracker.on_origin_upload(10_000_000, 1.0)
+    assert tracker.origin_capacity_bps == tracker.origin_rate_bps == 10_000_000
+    f = sw.add_file("f.bin", 2 * 1024 * 1024)
+    slow = sw.add_peer("slow", 0.8 * MBIT)
+    slow.seed(f)
+    sw.run(0.5)
+    slow.start()
+    lend = tracker._lend_origin  # the step under test, on a plan naming only the slow copy
+    plan = Plan(
+        (
+            PlannedSource("slow", "tcp://slow:1", None, SourceReason.COMPLETE),
+            PlannedSource("broker", "tcp://o:1", None),
+        ),
+        ((0, 128, 0),),
+    )
+    tracker.registry.peers["slow"].up_bps = 100_000
+    assert lend(plan) is plan  # capacity 10 MB/s, sending 10 MB/s: nothing to lend
+    tracker.on_origin_upload(10_000_000, 2.0)  # idle for a second: 10 MB/s spare
+    assert lend(plan).entries == ((0, 6, 0), (6, 122, 1))  # it keeps one second at 100 kB/s
+    partial = Plan(
+        (
+            PlannedSource("slow", "tcp://slow:1", ((0, 128),), SourceReason.RELAY),
+            PlannedSource("broker", "tcp://o:1", None),
+        ),
+        ((0, 128, 0),),
+        relayed=128,
+    )
+    assert lend(partial) is partial  # a relay still fetching is a swarm at work: left alone
 
 
 def test_resumed_download_fetches_only_what_is_missing() -> None:
