@@ -75,6 +75,7 @@ DELIVERY_SLACK = 3.0  # a request times out after this many times what its bytes
 MAX_REQUEST_TIMEOUT_S = 60.0
 ORIGIN_PATIENCE = 4  # origin requests time out after 4 x request_timeout_s at least
 STUCK_REPLANS = 2  # fresh plans asked when sources run out, before giving up
+RATE_MEMORY_S = 0.5  # SourceTiming: the delivery rate forgets the past with this time constant
 
 
 class TransferState(enum.Enum):
@@ -277,13 +278,15 @@ class SourceTiming:
     (`request_timeout_s`) keeps a fast source from being judged on a few lucky replies.
     """
 
-    __slots__ = ("last_arrival", "rate_bps", "rttvar", "srtt")
+    __slots__ = ("_bytes", "_seconds", "last_arrival", "rate_bps", "rttvar", "srtt")
 
     def __init__(self) -> None:
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.rate_bps: float | None = None
         self.last_arrival = -math.inf
+        self._bytes = 0.0  # decayed sums of bytes delivered and of the intervals they took
+        self._seconds = 0.0
 
     def sample(self, seconds: float) -> None:
         if self.srtt is None:
@@ -293,14 +296,23 @@ class SourceTiming:
             self.srtt = 0.875 * self.srtt + 0.125 * seconds
 
     def delivered(self, nbytes: int, sent_at: float, now: float) -> None:
-        """A reply of `nbytes` arrived: the rate is bytes over the time since the source could
-        have started on it (its previous reply, or the request, whichever came later)."""
-        interval = now - max(sent_at, self.last_arrival)
+        """A reply of `nbytes` arrived: it took the time since the source could have started on
+        it (its previous reply, or the request, whichever came later). The rate is the bytes over
+        the time of the last RATE_MEMORY_S or so (both sums decay with time), not an average of
+        per-reply rates: replies of parallel lanes served side by side arrive together, and the
+        second one's interval is a few microseconds; as a rate of its own it would read fifty
+        times the link, and such a rate sizes requests to whole blocks that a relay parent is
+        still fetching (it answers them only once it holds all of them, or after PARK_MAX_S:
+        store and forward instead of cut-through, and its children starve)."""
+        interval = max(now - max(sent_at, self.last_arrival), 0.0)
         self.last_arrival = now
-        if nbytes <= 0 or interval <= 0:
+        if nbytes <= 0:
             return
-        rate = nbytes / interval
-        self.rate_bps = rate if self.rate_bps is None else 0.8 * self.rate_bps + 0.2 * rate
+        keep = math.exp(-interval / RATE_MEMORY_S)
+        self._bytes = keep * self._bytes + nbytes
+        self._seconds = keep * self._seconds + interval
+        if self._seconds > 0:
+            self.rate_bps = self._bytes / self._seconds
 
     def timeout(self, floor: float) -> float:
         if self.srtt is None:

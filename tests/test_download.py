@@ -8,6 +8,7 @@ import pytest
 
 from common.ranges import Run, SegmentSet
 from peer.download import BROKER, Download, SegmentState
+from peer.transfer import SourceTiming
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -726,8 +727,6 @@ def test_not_in_endgame_while_work_is_queued_or_deferred() -> None:
 
 
 def test_reply_times_adapt_the_timeout_with_the_floor_kept() -> None:
-    from peer.transfer import SourceTiming
-
     times = SourceTiming()
     assert times.timeout(2.0) == 2.0 and times.patience(2.0) == 0.5  # nothing measured yet
     for _ in range(20):
@@ -739,6 +738,21 @@ def test_reply_times_adapt_the_timeout_with_the_floor_kept() -> None:
         slow.sample(3.0)  # a loaded one: waited for, not given up on
     assert 3.0 < slow.timeout(2.0) <= 60.0
     assert slow.patience(2.0) == pytest.approx(6.0, rel=0.01)
+
+
+def test_parallel_lanes_arriving_together_do_not_inflate_the_rate() -> None:
+    """Two lanes served side by side by a 0.6 MB/s source both finish at the end of each 0.11 s
+    round: the second reply's interval is a microsecond. The rate stays the source's, not 50
+    times it (which sized requests to whole blocks a relay parent was still fetching)."""
+    timing = SourceTiming()
+    now = 0.0
+    for _ in range(20):
+        sent = now
+        now += 0.11
+        timing.delivered(2 * 16384, sent, now)
+        timing.delivered(2 * 16384, sent, now + 1e-6)
+        now += 1e-6
+    assert timing.rate_bps == pytest.approx(4 * 16384 / 0.11, rel=0.05)
 
 
 # --------------------------------------------------------------------------- later
