@@ -33,7 +33,7 @@ import heapq
 import logging
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from broker.planner import (
@@ -88,6 +88,9 @@ MAX_CACHED_TREES = 1024  # files whose relay trees are kept between GETs
 # back (with 100 / 20 links it is 5x).
 SLOW_RELAY_FACTOR = 3.0
 RELAY_SETTLE_S = 1.0  # a relay is judged once it has had children this long
+# A relay is found slow only if it still looks slow this long after it first did: while trees
+# fill, relays fed late look slow for a second or two, and a slow mark is for good.
+SLOW_CONFIRM_S = 0.5
 RELAY_CHECK_S = 0.5  # relays are judged at most this often (a GET of the file runs the check)
 SLOW_LAG_SEGMENTS = 64  # 1 MiB: children this far behind their relay wait on its uplink
 # The origin lends its spare upload where the copies planned are complete and far slower than it
@@ -151,6 +154,7 @@ class _FileTrees:
     slow: frozenset[str]  # relays found slow: leaves in every stripe
     built_at: float  # when the first of these downloaders' trees were built
     checked_at: float
+    suspects: dict[str, float] = field(default_factory=dict)  # relay -> when it first looked slow
 
 
 @dataclass(frozen=True, slots=True)
@@ -551,6 +555,7 @@ class Tracker:
                 slow,
                 kept.built_at if kept is not None else now,
                 kept.checked_at if kept is not None else now,
+                {n: t for n, t in kept.suspects.items() if n in names} if kept is not None else {},
             )
             self._trees[file_id] = cached
             if len(self._trees) > MAX_CACHED_TREES:
@@ -579,7 +584,8 @@ class Tracker:
         more than SLOW_LAG_SEGMENTS behind them in the stripe they relay (so what limits the
         children is the relay's uplink, not what reaches the relay), and the relay's peak upload
         rate (heartbeats) is under 1 / slow_relay_factor of the fastest downloader's. Judged once
-        the trees have stood RELAY_SETTLE_S. Neither figure alone will do: a relay fed slowly
+        the trees have stood RELAY_SETTLE_S, and only a relay found so at every check for
+        SLOW_CONFIRM_S is marked. Neither figure alone will do: a relay fed slowly
         uploads slowly on a fast link, and a fast relay's children lag while they start."""
         trees = cached.trees
         if now - cached.built_at < RELAY_SETTLE_S or len(cached.crowd) <= trees.stripes:
@@ -600,7 +606,7 @@ class Tracker:
                 )
             return held[name, stripe]
 
-        slow: set[str] = set()
+        looking_slow: set[str] = set()
         for stripe, relay, children in trees.families():
             record = peers.get(relay)
             if relay in cached.slow or record is None or not children:
@@ -609,7 +615,17 @@ class Tracker:
                 continue
             behind = share(relay, stripe) - sum(share(c, stripe) for c in children) / len(children)
             if behind > SLOW_LAG_SEGMENTS:
-                slow.add(relay)
+                looking_slow.add(relay)
+        suspects = cached.suspects
+        for name in list(suspects):
+            if name not in looking_slow:
+                del suspects[name]  # it caught up: it was being fed late, not slow
+        slow = set()
+        for name in looking_slow:
+            since = suspects.setdefault(name, now)
+            if now - since >= SLOW_CONFIRM_S:
+                slow.add(name)
+                del suspects[name]
         return cached.slow | slow if slow else cached.slow
 
     def _relay(self, trees: RelayTrees, file_id: bytes, peer: str, now: float) -> Relay | None:
