@@ -191,6 +191,32 @@ def relay_for(downloaders: list[tuple[int, Holder]], requester: str, fanout: int
     return Relay(trees.stripes, parents, others)
 
 
+def plan_window(
+    need: SegmentSet, holders: list[Holder], segment_count: int, block: int, most: int
+) -> SegmentSet:
+    """What of `need` one plan covers: every segment a partial holder has (it may hold what no
+    one else does, and a later window may come too late for it), and of the rest the first
+    `most`, rounded up to a whole block. The rest is deferred: the downloader asks again."""
+    if len(need) <= most:
+        return need
+    taken, end = 0, segment_count
+    for first, count in need.runs():
+        if taken + count >= most:
+            end = first + most - taken
+            break
+        taken += count
+    end = min(segment_count, -(-end // block) * block)
+    window = SegmentSet(need.intersect_run(0, end))
+    for holder in holders:
+        if holder.segments.covers(0, segment_count):
+            continue
+        for first, count in holder.segments.runs():
+            if first + count > end:
+                for run in need.intersect_run(first, count):
+                    window.add(*run)
+    return window
+
+
 def plan_download(
     segment_count: int,
     need: SegmentSet,

@@ -44,12 +44,13 @@ from broker.planner import (
     RelayTrees,
     lend_origin,
     plan_download,
+    plan_window,
     stripe_share,
 )
 from broker.registry import Holder, Registry
 from common import protocol
 from common.errors import WireCode
-from common.manifest import SEGMENT_SIZE, Manifest
+from common.manifest import Manifest
 from common.metrics import Metrics
 from common.protocol import (
     BadSource,
@@ -79,6 +80,12 @@ from common.service import RateLimitedLog
 log = logging.getLogger(__name__)
 
 MAX_PLAN_SOURCES = 256  # a GET names at most this many peers (the wire allows 4096)
+# A plan covers what partial holders can give and, of the rest, the first PLAN_WINDOW_BYTES the
+# requester lacks; the rest is deferred to later plans (PROTOCOL.md 8.2: a downloader asks again
+# before its work runs out, and replans every second anyway). So a GET of a 1 GiB file costs what
+# one of 64 MiB does: plans of every block were 80% of the simulator's time at 100 x 1 GiB, and
+# most of the tracker's at 10% GETs (docs/BENCHMARKS.md).
+PLAN_WINDOW_BYTES = 64 << 20
 GET_WAIT_S = 2.0  # a GET waits this long for a manifest being rebuilt, then is told to retry
 MAX_WAITING_GETS = 10_000  # beyond this, GETs for files being rebuilt are told to retry at once
 MAX_CACHED_TREES = 1024  # files whose relay trees are kept between GETs
@@ -88,11 +95,11 @@ MAX_CACHED_TREES = 1024  # files whose relay trees are kept between GETs
 # back (with 100 / 20 links it is 5x).
 SLOW_RELAY_FACTOR = 3.0
 RELAY_SETTLE_S = 1.0  # a relay is judged once it has had children this long
-# A relay is found slow only if it still looks slow this long after it first did: while trees
-# fill, relays fed late look slow for a second or two, and a slow mark is for good.
+# A relay that looks slow is found so only if its children's lag has grown by SLOW_LAG_BYTES
+# this long later: while trees fill, relays fed late look slow for a second or two.
 SLOW_CONFIRM_S = 0.5
 RELAY_CHECK_S = 0.5  # relays are judged at most this often (a GET of the file runs the check)
-SLOW_LAG_SEGMENTS = 64  # 1 MiB: children this far behind their relay wait on its uplink
+SLOW_LAG_BYTES = 1 << 20  # children this far behind their relay wait on its uplink
 # The origin lends its spare upload where the copies planned are complete and far slower than it
 # (slow_relay_factor again): such a copy keeps what it delivers in LEND_HORIZON_S, the origin takes
 # the rest, as much as its spare upload sends in that time. Its rate is sampled every
@@ -154,7 +161,7 @@ class _FileTrees:
     slow: frozenset[str]  # relays found slow: leaves in every stripe
     built_at: float  # when the first of these downloaders' trees were built
     checked_at: float
-    suspects: dict[str, float] = field(default_factory=dict)  # relay -> when it first looked slow
+    suspects: dict[str, float] = field(default_factory=dict)  # relay -> since when it looks slow
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +256,7 @@ class Tracker:
         self._origin_sample: tuple[float, int] | None = None
         self.origin_rate_bps = 0.0
         self.origin_capacity_bps = 0.0
-        self._origin_lent = 0
+        self._origin_lent_bytes = 0
         # Figures of the broker's other threads (the origin's counters), added by the shell.
         self.extra_stats: Callable[[], dict[str, Any]] | None = None
         # Authenticated mode: the name a CURVE key (raw) may register as (the allow-list file it
@@ -270,7 +277,7 @@ class Tracker:
         self.origin_rate_bps = max(sent_bytes - before, 0) / (now - then)
         self.origin_capacity_bps = max(self.origin_capacity_bps, self.origin_rate_bps)
         self._origin_sample = (now, sent_bytes)
-        self._origin_lent = 0
+        self._origin_lent_bytes = 0
 
     def on_request(
         self, request: Message, sender: bytes, now: float, key: bytes | None = None
@@ -448,7 +455,7 @@ class Tracker:
         if s.plan_policy == "swarm":
             if peer is not None and need:
                 self.registry.note_active(peer, file_id, now)
-            trees, crowd = self._relay_trees(file_id, segments, now)
+            trees, crowd = self._relay_trees(file_id, segments, manifest.segment_size, now)
             relay = self._relay(trees, file_id, peer, now) if peer is not None else None
             # The file's downloaders serve each other through the relay trees, also once they
             # are complete (as parents, at once); the holders planned by what they hold are the
@@ -456,6 +463,9 @@ class Tracker:
             # finished first must not become everyone's holder: its one uplink would carry the
             # rest of the crowd's tail.
             holders = self._candidates(manifest, now, peer, skip=crowd)
+        need = plan_window(
+            need, holders, segments, s.plan_block_segments, PLAN_WINDOW_BYTES // manifest.segment_size
+        )
         plan = plan_download(
             segments,
             need,
@@ -466,7 +476,7 @@ class Tracker:
             relay=relay,
         )
         if s.plan_policy == "swarm" and s.slow_relay_factor > 0:
-            plan = self._lend_origin(plan)
+            plan = self._lend_origin(plan, manifest.segment_size)
         per_source = plan.segments_per_source()
         for name, count in plan.segments_by_source(per_source).items():
             self.registry.note_planned(name, count, now)
@@ -488,18 +498,14 @@ class Tracker:
             origin_lanes=s.origin_lanes,
         )
 
-    def _lend_origin(self, plan: Plan) -> Plan:
+    def _lend_origin(self, plan: Plan, segment: int) -> Plan:
         """Complete copies (seeds, finished downloaders) whose peak upload is `slow_relay_factor`
         times below the origin's spare upload (its capacity less what it sends and has lent)
         keep what they deliver in LEND_HORIZON_S; the origin takes the rest, as much as that
         spare sends in that time. A lone slow copy no longer sets the pace of a download while
         the origin idles. Relays still fetching are a swarm at work and are left alone: lending
         from them too sent 1.57 origin copies instead of 1.03 in a simulated mixed swarm."""
-        spare = (
-            self.origin_capacity_bps
-            - self.origin_rate_bps
-            - self._origin_lent * SEGMENT_SIZE / LEND_HORIZON_S
-        )
+        spare = self.origin_capacity_bps - self.origin_rate_bps - self._origin_lent_bytes / LEND_HORIZON_S
         if spare <= 0:
             return plan
         factor = self.settings.slow_relay_factor
@@ -510,12 +516,12 @@ class Tracker:
                 continue  # not a complete copy: a relay still fetching, part of a swarm at work
             record = peers.get(source.name)
             if record is not None and 0 < record.up_bps * factor < spare:
-                keep[source.name] = int(record.up_bps * LEND_HORIZON_S) // SEGMENT_SIZE
+                keep[source.name] = int(record.up_bps * LEND_HORIZON_S) // segment
         if not keep:
             return plan
-        plan, moved = lend_origin(plan, keep, int(spare * LEND_HORIZON_S) // SEGMENT_SIZE)
+        plan, moved = lend_origin(plan, keep, int(spare * LEND_HORIZON_S) // segment)
         if moved:
-            self._origin_lent += moved
+            self._origin_lent_bytes += moved * segment
             self.m.segments_lent.inc(moved)
         return plan
 
@@ -534,7 +540,9 @@ class Tracker:
     def _retry_later(request: Get) -> Message:
         return Error(request.rid, WireCode.BUSY, f"the manifest of {request.name!r} is being rebuilt; retry")
 
-    def _relay_trees(self, file_id: bytes, segments: int, now: float) -> tuple[RelayTrees, frozenset[str]]:
+    def _relay_trees(
+        self, file_id: bytes, segments: int, segment_size: int, now: float
+    ) -> tuple[RelayTrees, frozenset[str]]:
         """The file's relay trees, rebuilt when its set of downloaders changed or a relay
         turned out slow."""
         s = self.settings
@@ -562,13 +570,20 @@ class Tracker:
                 self._trees.pop(next(iter(self._trees)))
         if s.slow_relay_factor and now - cached.checked_at >= RELAY_CHECK_S:
             cached.checked_at = now
-            slow = self._slow_relays(cached, now)
+            slow = self._slow_relays(cached, segment_size, now)
             if slow != cached.slow:
-                log.info(
-                    "relays of file %s: %s relay far slower than the others; they become leaves",
-                    file_id.hex()[:12],
-                    ", ".join(sorted(slow - cached.slow)),
-                )
+                if slow - cached.slow:
+                    log.info(
+                        "relays of file %s: %s relay far slower than the others; they become leaves",
+                        file_id.hex()[:12],
+                        ", ".join(sorted(slow - cached.slow)),
+                    )
+                if cached.slow - slow:
+                    log.info(
+                        "relays of file %s: %s have uploaded fast since; they relay again",
+                        file_id.hex()[:12],
+                        ", ".join(sorted(cached.slow - slow)),
+                    )
                 self.m.slow_relays.inc(len(slow - cached.slow))
                 cached.slow = slow
                 cached.trees = RelayTrees(members, s.relay_fanout, slow)
@@ -579,13 +594,13 @@ class Tracker:
         cached = self._trees.get(file_id)
         return cached.slow if cached is not None else frozenset()
 
-    def _slow_relays(self, cached: _FileTrees, now: float) -> frozenset[str]:
+    def _slow_relays(self, cached: _FileTrees, segment_size: int, now: float) -> frozenset[str]:
         """The slow set grown by the relays that hold their children back: their children lag
-        more than SLOW_LAG_SEGMENTS behind them in the stripe they relay (so what limits the
+        more than SLOW_LAG_BYTES behind them in the stripe they relay (so what limits the
         children is the relay's uplink, not what reaches the relay), and the relay's peak upload
         rate (heartbeats) is under 1 / slow_relay_factor of the fastest downloader's. Judged once
-        the trees have stood RELAY_SETTLE_S, and only a relay found so at every check for
-        SLOW_CONFIRM_S is marked. Neither figure alone will do: a relay fed slowly
+        the trees have stood RELAY_SETTLE_S, and only a relay whose children fall further
+        behind for SLOW_CONFIRM_S is marked. Neither figure alone will do: a relay fed slowly
         uploads slowly on a fast link, and a fast relay's children lag while they start."""
         trees = cached.trees
         if now - cached.built_at < RELAY_SETTLE_S or len(cached.crowd) <= trees.stripes:
@@ -595,6 +610,7 @@ class Tracker:
         if not best:
             return cached.slow
         file_id, block = cached.file_id, self.settings.plan_block_segments
+        lag = max(1, SLOW_LAG_BYTES // segment_size)
         held: dict[tuple[str, int], int] = {}
 
         def share(name: str, stripe: int) -> int:
@@ -614,8 +630,10 @@ class Tracker:
             if not 0 < record.up_bps * self.settings.slow_relay_factor < best:
                 continue
             behind = share(relay, stripe) - sum(share(c, stripe) for c in children) / len(children)
-            if behind > SLOW_LAG_SEGMENTS:
+            if behind > lag:
                 looking_slow.add(relay)
+        # Looking slow once is not enough: while the trees fill, relays fed late upload slowly
+        # and their children lag.
         suspects = cached.suspects
         for name in list(suspects):
             if name not in looking_slow:
@@ -626,7 +644,13 @@ class Tracker:
             if now - since >= SLOW_CONFIRM_S:
                 slow.add(name)
                 del suspects[name]
-        return cached.slow | slow if slow else cached.slow
+        # A relay found slow that has since uploaded fast (serving what its children had asked
+        # before they moved, or as a holder) was fed late, not slow: it relays again. At N = 100
+        # on uniform links, 256 MiB, a few such relays kept as leaves left others relaying two
+        # stripes, and the swarm went at their pace: 2.2x the bound instead of 1.2x.
+        factor = self.settings.slow_relay_factor
+        kept = frozenset(name for name in cached.slow if name in peers and peers[name].up_bps * factor < best)
+        return kept | slow if slow else kept
 
     def _relay(self, trees: RelayTrees, file_id: bytes, peer: str, now: float) -> Relay | None:
         names = trees.parents(peer)

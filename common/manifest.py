@@ -133,10 +133,18 @@ class Manifest:
             k = j
         return good, bad
 
+    def segment_size_error(self) -> str | None:
+        return (
+            f"segment size {self.segment_size} is not {SEGMENT_SIZE}"
+            if self.segment_size != SEGMENT_SIZE
+            else None
+        )
+
     def consistency_error(self) -> str | None:
         """Why the fields contradict each other, or None (used on manifests from disk or wire)."""
-        if self.segment_size != SEGMENT_SIZE:
-            return f"segment size {self.segment_size} is not {SEGMENT_SIZE}"
+        problem = self.segment_size_error()
+        if problem:
+            return problem
         if len(self.digests) % DIGEST_SIZE:
             return "digest list is not a whole number of digests"
         if self.segment_count != segment_count(self.size, self.segment_size):

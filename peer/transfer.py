@@ -65,7 +65,8 @@ from common.ranges import Run, SegmentSet
 from peer.download import BROKER, LOCAL, Download, Request
 
 MIN_REPLAN_GAP_S = 0.02  # deferred segments: ask again at most this often
-INITIAL_BATCH = 4  # segments per request while a source's rate is unknown (64 KiB probes)
+PLAN_AHEAD_S = 0.25  # deferred segments: ask again while this much work is left at the pace
+INITIAL_BATCH_BYTES = 64 * 1024  # a request while a source's rate is unknown (a probe)
 LATER_LIMIT_S = 5.0  # segments a relay parent keeps answering `later` for go elsewhere after this
 STEAL_BACKLOG_S = 1.0  # a source with more queued than this at its rate gives work to idle ones...
 STEAL_FACTOR = 4.0  # ...that deliver this many times faster
@@ -770,7 +771,12 @@ class Transfer:
             # downloaders come and go.
             return True
         idle = not download.sources_with_work() and download.pending == 0
-        low_water = self.settings.batch_segments * self.settings.lanes_per_source
+        # Deferred segments (a plan covers a window of a big file): ask again while PLAN_AHEAD_S
+        # of work is left at the present pace, so the next plan is here before the work runs out.
+        low_water = max(
+            self.settings.batch_segments * self.settings.lanes_per_source,
+            int(self._pace(download) * PLAN_AHEAD_S) // self._segment_bytes,
+        )
         return idle or download.wants_plan(low_water)
 
     @staticmethod
@@ -840,21 +846,31 @@ class Transfer:
                 )
         return commands
 
-    def _request_target(self, now: float) -> float:
-        """The request duration of the moment: what is left at the present pace (the measured
-        rates of the sources in use, added up) over REQUESTS_PER_DOWNLOAD, within the bounds."""
-        settings, download = self.settings, self.download
-        if download is None:
-            return settings.request_target_s
+    def _pace(self, download: Download) -> float:
+        """Bytes per second now: the measured rates of the sources in use, added up."""
         pace = 0.0
         for source in download.sources.values():
             if source.queue or source.requests:
                 timing = self.timings.get(source.endpoint)
                 if timing is not None and timing.rate_bps:
                     pace += timing.rate_bps
+        return pace
+
+    @property
+    def _segment_bytes(self) -> int:
+        # 16 KiB on the wire (protocol 1); the simulator's coarse mode uses larger segments.
+        return self.manifest.segment_size if self.manifest is not None else SEGMENT_SIZE
+
+    def _request_target(self, now: float) -> float:
+        """The request duration of the moment: what is left at the present pace (the measured
+        rates of the sources in use, added up) over REQUESTS_PER_DOWNLOAD, within the bounds."""
+        settings, download = self.settings, self.download
+        if download is None:
+            return settings.request_target_s
+        pace = self._pace(download)
         if not pace:
             return settings.request_target_s
-        left_s = (download.segment_count - download.done) * SEGMENT_SIZE / pace
+        left_s = (download.segment_count - download.done) * self._segment_bytes / pace
         return min(
             max(left_s / REQUESTS_PER_DOWNLOAD, settings.request_target_s), settings.request_target_max_s
         )
@@ -879,7 +895,7 @@ class Transfer:
         for name, src in sources.items():
             if src.queue and not src.dead and name in rates:
                 pending = sum(r.nbytes for r in src.requests)
-                backlog_s = (src.queued_count * SEGMENT_SIZE + pending) / rates[name]
+                backlog_s = (src.queued_count * self._segment_bytes + pending) / rates[name]
                 if backlog_s > STEAL_BACKLOG_S:
                     victims.append((rates[name], name))
         if not victims:
@@ -903,12 +919,13 @@ class Transfer:
         most = self.origin_lanes if source == BROKER else self.settings.lanes_per_source
         batch_max = self.settings.batch_segments
         rate = timing.rate_bps if timing is not None else None
-        if rate is None:
-            return min(most, 2), min(INITIAL_BATCH, batch_max)  # probe: the rate is unknown
+        segment = self._segment_bytes
+        if rate is None:  # probe: the rate is unknown
+            return min(most, 2), max(1, min(INITIAL_BATCH_BYTES // segment, batch_max))
         target = self._target_s
-        batch = max(1, min(batch_max, int(rate * target) // SEGMENT_SIZE))
+        batch = max(1, min(batch_max, int(rate * target) // segment))
         queue_s = max(self.settings.queue_target_s, 2 * target)
-        lanes = max(1, min(most, math.ceil(rate * queue_s / (batch * SEGMENT_SIZE))))
+        lanes = max(1, min(most, math.ceil(rate * queue_s / (batch * segment))))
         return lanes, batch
 
     def _send(

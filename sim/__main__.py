@@ -33,12 +33,22 @@ MIB = 1 << 20
 
 
 def run_one(
-    n: int, links: str, size: int, up_mbit: float, fast_mbit: float, down_mbit: float, seed: int
+    n: int,
+    links: str,
+    size: int,
+    up_mbit: float,
+    fast_mbit: float,
+    down_mbit: float,
+    seed: int,
+    segment_kib: int = 16,
 ) -> dict[str, Any]:
     up = up_mbit * 1e6
     origin_up = fast_mbit * 1e6 if links == "mixed" else up
     down = down_mbit * 1e6 if links == "asym" else math.inf
-    sw = SimSwarm(SimSettings.defaults(), origin_up_bps=origin_up, seed=seed)
+    settings = SimSettings.defaults()
+    if segment_kib != 16:
+        settings = settings.coarse(segment_kib * 1024)
+    sw = SimSwarm(settings, origin_up_bps=origin_up, seed=seed)
     manifest = sw.add_file("f.bin", size)
     ups: list[float] = []
     peers = []
@@ -64,6 +74,7 @@ def run_one(
         "links": links,
         "size_mib": size / MIB,
         "up_mbit": up_mbit,
+        "segment_kib": segment_kib,
         "seconds": round(finished, 3),
         "ideal_s": round(ideal, 3),
         "vs_ideal": round(finished / ideal, 3),
@@ -121,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fast-mbit", type=float, default=100.0, help="mixed: the fast uplinks and the origin's")
     ap.add_argument("--down-mbit", type=float, default=100.0, help="asym: every downlink")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--segment-kib",
+        type=int,
+        default=16,
+        help="coarse mode: simulate segments this large (a multiple of 16), for big files and swarms",
+    )
     ap.add_argument("--plot", type=Path, help="draw time / ideal against N into this PNG")
     ap.add_argument("--results-name", default="sim", help="bench/results/<name>.json")
     args = ap.parse_args(argv)
@@ -133,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     for links in args.links.split(","):
         for up_mbit in [float(x) for x in args.up_mbit.split(",")]:
             for n in [int(x) for x in args.peers.split(",")]:
-                row = run_one(n, links, size, up_mbit, args.fast_mbit, args.down_mbit, args.seed)
+                row = run_one(
+                    n, links, size, up_mbit, args.fast_mbit, args.down_mbit, args.seed, args.segment_kib
+                )
                 rows.append(row)
                 print(
                     f"{n:>5} {links:<8} {up_mbit:>5g} {row['seconds']:>8.2f} {row['ideal_s']:>8.2f} "

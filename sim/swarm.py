@@ -36,7 +36,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,12 @@ class SimManifest(Manifest):
     """A manifest whose verification looks at where a simulated payload came from: bytes from a
     lying peer fail, bytes from anyone else pass; lengths are checked as for real data."""
 
+    def segment_size_error(self) -> str | None:
+        # The coarse mode's segments (SimSettings.coarse) are multiples of the protocol's.
+        if self.segment_size % SEGMENT_SIZE:
+            return f"segment size {self.segment_size} is not a multiple of {SEGMENT_SIZE}"
+        return None
+
     def split_verified(self, first: int, count: int, data: bytes | memoryview) -> tuple[list[Run], list[Run]]:
         if not count:
             return [], []
@@ -86,12 +92,12 @@ class SimManifest(Manifest):
         return good, [(first + whole, count - whole)]
 
 
-def sim_manifest(name: str, size: int, seed: int = 0) -> SimManifest:
+def sim_manifest(name: str, size: int, seed: int = 0, segment_size: int = SEGMENT_SIZE) -> SimManifest:
     """A manifest for a file of `size` bytes whose content is never materialised: its digests
     are pseudo-random (distinct per segment), its file_id their blake3 as usual."""
-    n = segment_count(size)
+    n = segment_count(size, segment_size)
     digests = blake3(f"zswarm-sim-{name}-{seed}".encode()).digest(length=n * DIGEST_SIZE)
-    return SimManifest(name=name, size=size, digests=digests)
+    return SimManifest(name=name, size=size, digests=digests, segment_size=segment_size)
 
 
 # --------------------------------------------------------------------------- clock and links
@@ -532,6 +538,25 @@ class SimSettings:
     download_idle_s: float = 2.0
     plan_policy: str = "swarm"
     peer: TransferSettings = field(default_factory=TransferSettings)
+    # The coarse mode: files cut into segments this large (16 KiB: the protocol's). Segment
+    # counts in the settings are scaled by `coarse` to keep their sizes in bytes.
+    segment_size: int = SEGMENT_SIZE
+
+    def coarse(self, segment_size: int) -> SimSettings:
+        """These settings for a swarm whose files are cut into `segment_size` segments (a
+        multiple of 16 KiB): plan blocks and requests keep their sizes in bytes (one segment at
+        least). A 1 GiB file in 1 MiB segments costs the simulator about what 16 MiB costs in
+        16 KiB ones; what it gives up is every effect smaller than a segment (a relay forwards
+        a segment once it holds all of it). docs/ARCHITECTURE.md says how close it stays."""
+        if segment_size % SEGMENT_SIZE:
+            raise ValueError(f"segment size {segment_size} is not a multiple of {SEGMENT_SIZE}")
+        scale = segment_size // SEGMENT_SIZE
+        return replace(
+            self,
+            segment_size=segment_size,
+            plan_block_segments=max(1, self.plan_block_segments // scale),
+            peer=replace(self.peer, batch_segments=max(1, self.peer.batch_segments // scale)),
+        )
 
     @classmethod
     def defaults(cls) -> SimSettings:
@@ -603,7 +628,7 @@ class SimSwarm:
     # ---- building
 
     def add_file(self, name: str, size: int) -> SimManifest:
-        manifest = sim_manifest(name, size)
+        manifest = sim_manifest(name, size, segment_size=self.settings.segment_size)
         self.catalog.files[name] = _Entry(manifest)
         self.manifests_by_id[manifest.file_id] = manifest
         return manifest
@@ -700,6 +725,8 @@ class SimSwarm:
             return
         nbytes = sum(manifest.run_length(f, c) for f, c in present)
         absent = tuple(SegmentSet(present).missing_in_run(first, count))
+        if nbytes > len(_GOOD):
+            raise ValueError(f"a {nbytes}-byte reply: the simulator's payloads stop at {len(_GOOD)}")
         payload = (_BAD if lying else _GOOD)[:nbytes]
         missing, not_yet = ((), absent) if later else (absent, ())
         reply = SegmentData(file_id, first, count, missing, not_yet, payload=payload)

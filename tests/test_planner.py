@@ -16,6 +16,7 @@ from broker.planner import (
     _block_index,
     lend_origin,
     plan_download,
+    plan_window,
     relay_for,
     stripe_share,
 )
@@ -559,3 +560,24 @@ def test_random_relay_plans_every_needed_segment_once(seed: int) -> None:
         elif source == BROKER_SOURCE:  # the origin only for what no holder or downloader has
             assert not any(i in h.segments for h in holders)
             assert not any(i in h.segments for _, h in ds if h.name != me)
+
+
+def test_a_plan_window_is_the_first_segments_needed_rounded_to_a_block() -> None:
+    need = SegmentSet([(10, 100_000)])  # segments 10 .. 100_009 of a 1 GiB file (65_536 blocks of 16 KiB)
+    window = plan_window(need, [], 200_000, 64, 4096)
+    assert window == SegmentSet([(10, 4096 - 10 + 64)])  # 4096 needed end at 4106: up to block 65's end
+    assert plan_window(need, [], 200_000, 64, 200_000) is need  # small enough: all of it
+    assert plan_window(SegmentSet(), [], 200_000, 64, 4096) == SegmentSet()
+
+
+def test_a_plan_window_keeps_what_partial_holders_have_beyond_it() -> None:
+    """A partial holder may hold what no one else has: its segments are planned whatever the
+    window, so that it serves beside the others from the first plan on."""
+    need = SegmentSet.full(65_536)
+    partial = Holder("half", "tcp://h:1", SegmentSet([(32_768, 32_768)]), 0.0)
+    complete = Holder("seed", "tcp://s:1", SegmentSet.full(65_536), 0.0)
+    window = plan_window(need, [complete, partial], 65_536, 64, 4096)
+    assert window == SegmentSet([(0, 4096), (32_768, 32_768)])
+    plan = plan_download(65_536, window, [complete, partial], "tcp://o:1", block=64)
+    planned = SegmentSet([(first, count) for first, count, _ in plan.entries])
+    assert planned == window  # the rest is deferred: asked for at a later plan
