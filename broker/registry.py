@@ -452,9 +452,16 @@ class Registry:
             runs = runs[: MAX_PLANNED_RUNS - entry.runs]
             held = entry.by_source.get(source)
             before = held.run_count() if held is not None else 0
-            merged = SegmentSet(_union(held.runs() if held is not None else [], sorted(runs)))
-            entry.by_source[source] = merged
-            entry.runs += merged.run_count() - before
+            if held is None or len(runs) > BULK_RUNS:
+                held = SegmentSet(_union(held.runs() if held is not None else [], sorted(runs)))
+                entry.by_source[source] = held
+            else:
+                # Added in place: a replan adds a window's runs to what the last plans named,
+                # and rebuilding the whole set at every GET cost a fifth of the simulator's time
+                # at 100 x 1 GiB.
+                for first, count in runs:
+                    held.add(first, count)
+            entry.runs += held.run_count() - before
         plans[file_id] = entry
         while len(plans) > MAX_PLANNED_FILES:
             del plans[next(iter(plans))]
