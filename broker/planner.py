@@ -206,15 +206,30 @@ def plan_window(
             break
         taken += count
     end = min(segment_count, -(-end // block) * block)
-    window = SegmentSet(need.intersect_run(0, end))
+    # What partial holders have past the window, merged into one sorted list first: added to a
+    # set holder by holder, runs land in the middle of its lists (a GET with 100 partial holders
+    # of a 1 GiB file took twice as long as planning it whole).
+    beyond: list[Run] = []
     for holder in holders:
         if holder.segments.covers(0, segment_count):
             continue
         for first, count in holder.segments.runs():
             if first + count > end:
-                for run in need.intersect_run(first, count):
-                    window.add(*run)
-    return window
+                start = max(first, end)
+                beyond.append((start, first + count - start))
+    window = need.intersect_run(0, end)
+    if beyond:
+        beyond.sort()
+        merged: list[Run] = []
+        for first, count in beyond:
+            if merged and first <= merged[-1][0] + merged[-1][1]:
+                last_first, last_count = merged[-1]
+                merged[-1] = (last_first, max(last_count, first + count - last_first))
+            else:
+                merged.append((first, count))
+        for first, count in merged:
+            window.extend(need.intersect_run(first, count))
+    return SegmentSet(window)  # in order: appends only
 
 
 def plan_download(
