@@ -276,8 +276,15 @@ def test_block_index_matches_its_definition(seed: int) -> None:
     for k in range(rng.randrange(1, 6)):
         runs = [(rng.randrange(n), rng.randrange(1, 200)) for _ in range(rng.randrange(1, 8))]
         holders.append(holder(f"p{k}", [(f, min(c, n - f)) for f, c in runs]))
-    full_index, touched_index = _block_index(holders, list(range(len(holders))), block, n)
+    within = None
+    if seed % 2:  # indexed for the blocks a window touches only
+        within = SegmentSet((rng.randrange(n), rng.randrange(1, 100)) for _ in range(rng.randrange(1, 4)))
+        within = SegmentSet(within.intersect_run(0, n))
+    full_index, touched_index = _block_index(holders, list(range(len(holders))), block, n, within)
     for number in range((n + block - 1) // block):
+        if within is not None and not within.overlaps(number * block, block):
+            assert number not in full_index and number not in touched_index
+            continue
         start, stop = number * block, min((number + 1) * block, n)
         whole = [i for i, h in enumerate(holders) if h.segments.covers(start, stop - start)]
         some = [
@@ -570,14 +577,26 @@ def test_a_plan_window_is_the_first_segments_needed_rounded_to_a_block() -> None
     assert plan_window(SegmentSet(), [], 200_000, 64, 4096) == SegmentSet()
 
 
-def test_a_plan_window_keeps_what_partial_holders_have_beyond_it() -> None:
-    """A partial holder may hold what no one else has: its segments are planned whatever the
-    window, so that it serves beside the others from the first plan on."""
+def test_a_plan_window_gives_each_partial_holder_a_share_past_it() -> None:
+    """A partial holder whose segments lie past the window gets a share of another window, so
+    that it serves beside the others from the first plan on; a hundred of them add one window
+    in all, not the file."""
     need = SegmentSet.full(65_536)
     partial = Holder("half", "tcp://h:1", SegmentSet([(32_768, 32_768)]), 0.0)
     complete = Holder("seed", "tcp://s:1", SegmentSet.full(65_536), 0.0)
     window = plan_window(need, [complete, partial], 65_536, 64, 4096)
-    assert window == SegmentSet([(0, 4096), (32_768, 32_768)])
+    assert window == SegmentSet([(0, 4096), (32_768, 4096)])
+    rng = random.Random(7)
+    many = [
+        Holder(f"p{k}", "tcp://p:1", SegmentSet((rng.randrange(60_000), 2048) for _ in range(20)), 0.0)
+        for k in range(100)
+    ]
+    window = plan_window(need, many, 65_536, 64, 4096)
+    assert window.covers(0, 4096) and len(window) <= 4096 + 100 * 64
+    for h in many:  # each holder has its share of the window past segment 4096 (or all it has)
+        past = [r for first, count in h.segments.runs() for r in window.intersect_run(first, count)]
+        held_past = sum(c for f, c in h.segments.runs() if f >= 4096)
+        assert sum(c for f, c in past if f >= 4096) >= min(64, held_past)
     plan = plan_download(65_536, window, [complete, partial], "tcp://o:1", block=64)
     planned = SegmentSet([(first, count) for first, count, _ in plan.entries])
     assert planned == window  # the rest is deferred: asked for at a later plan
