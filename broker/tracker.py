@@ -80,11 +80,12 @@ from common.service import RateLimitedLog
 log = logging.getLogger(__name__)
 
 MAX_PLAN_SOURCES = 256  # a GET names at most this many peers (the wire allows 4096)
-# A plan covers what partial holders can give and, of the rest, the first PLAN_WINDOW_BYTES the
-# requester lacks; the rest is deferred to later plans (PROTOCOL.md 8.2: a downloader asks again
-# before its work runs out, and replans every second anyway). So a GET of a 1 GiB file costs what
-# one of 64 MiB does: plans of every block were 80% of the simulator's time at 100 x 1 GiB, and
-# most of the tracker's at 10% GETs (docs/BENCHMARKS.md).
+# A plan covers the first PLAN_WINDOW_BYTES the requester lacks and a share of as much again
+# from each partial holder past them (planner.plan_window); the rest is deferred to later plans
+# (PROTOCOL.md 8.2: a downloader asks again before its work runs out, and replans every second
+# anyway). So a GET of a 1 GiB file costs what one of 64 MiB does: plans of every block were
+# 80% of the simulator's time at 100 x 1 GiB, and 10 ms (100 seeds) to 43 ms (100 partial
+# holders) of the tracker thread per GET (docs/BENCHMARKS.md).
 PLAN_WINDOW_BYTES = 64 << 20
 GET_WAIT_S = 2.0  # a GET waits this long for a manifest being rebuilt, then is told to retry
 MAX_WAITING_GETS = 10_000  # beyond this, GETs for files being rebuilt are told to retry at once
