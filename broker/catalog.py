@@ -309,6 +309,9 @@ class Catalog:
     def fetching(self, file_id: bytes) -> bool:
         return False  # the origin fetches nothing: what it lacks, it lacks
 
+    def expecting(self, file_id: bytes) -> bool:
+        return False
+
     def holds(self, file_id: bytes, first: int, count: int) -> bool:
         entry = self.by_id(file_id)
         return entry is not None and first + count <= entry.manifest.segment_count

@@ -429,7 +429,11 @@ class Agent(ServiceThread, PeerDriver):
     def io_cached_manifest(self, name: str) -> Manifest | None:
         return self.store.manifest_named(name)
 
+    def io_job_started(self, job: Job) -> None:
+        self.store.expect(job.transfer.name)
+
     def io_job_ended(self, job: Job) -> None:
+        self.store.unexpect(job.transfer.name)
         if job.transfer.manifest is not None:
             self.store.stop_fetching(job.transfer.manifest.file_id)
         for sock in job.io.get("sockets", {}).values():

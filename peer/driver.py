@@ -224,6 +224,9 @@ class PeerDriver:
     def io_cached_manifest(self, name: str) -> Manifest | None:
         raise NotImplementedError
 
+    def io_job_started(self, job: Job) -> None:
+        """A get began (its manifest may not be known yet)."""
+
     def io_job_ended(self, job: Job) -> None:
         """Release the job's I/O resources (its open requests, its file)."""
 
@@ -487,6 +490,7 @@ class PeerDriver:
         job = Job(transfer, [future], progress)
         self.jobs[name] = job
         self.m.downloads_active.set(len(self.jobs))
+        self.io_job_started(job)
         self.run(job, transfer.tick(now), now)
         return future
 

@@ -75,6 +75,7 @@ class Store:
         self._lock = threading.Lock()
         self._entries: dict[bytes, Entry] = {}
         self._fetching: set[bytes] = set()  # files being downloaded now (their server relays)
+        self._planning: set[str] = set()  # gets whose manifest is not known yet (by name)
         for folder in (self.data_dir, self.manifest_dir, self.partial_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._real_root = os.path.realpath(self.data_dir)
@@ -219,6 +220,20 @@ class Store:
         with self._lock:
             return file_id in self._fetching
 
+    def expect(self, name: str) -> None:
+        """A get of `name` started: until its manifest is known (`begin`, or `unexpect` when the
+        get ends), requests for files this store does not know may be for it (`expecting`)."""
+        with self._lock:
+            self._planning.add(name)
+
+    def unexpect(self, name: str) -> None:
+        with self._lock:
+            self._planning.discard(name)
+
+    def expecting(self, file_id: bytes) -> bool:
+        with self._lock:
+            return bool(self._planning) and file_id not in self._entries
+
     def stop_fetching(self, file_id: bytes) -> None:
         """The download ended (done, failed, cancelled): missing segments are missing again."""
         with self._lock:
@@ -293,6 +308,7 @@ class Store:
         with self._lock:
             entry = self._entries.setdefault(manifest.file_id, Entry(manifest, held, partial))
             self._fetching.add(manifest.file_id)
+            self._planning.discard(manifest.name)
             return entry.held.copy()
 
     def open_for_write(self, file_id: bytes) -> int:

@@ -425,8 +425,11 @@ class SimPeer(PeerDriver):
             self._backlog.append((self.on_segment_request, (client, job, key, file_id, first, count)))
             return
         held = self.held.get(file_id)
-        if self._fetching(file_id) and (held is None or not held.covers(first, count)):
-            # A relay parent: hold the request until the segments are here (cut-through).
+        if (self._fetching(file_id) and (held is None or not held.covers(first, count))) or self._expecting(
+            file_id
+        ):
+            # A relay parent: hold the request until the segments are here (cut-through); or a
+            # parent whose own plan is on its way (common/segserver.py, `_may_park`).
             self._parked.setdefault(file_id, []).append(_Parked(client, job, key, first, count))
             self.swarm.clock.at(self.now + PARK_MAX_S, self._park_expired, file_id, key)
             return
@@ -447,6 +450,12 @@ class SimPeer(PeerDriver):
             j.transfer.state is TransferState.FETCHING
             and j.transfer.manifest is not None
             and j.transfer.manifest.file_id == file_id
+            for j in self.jobs.values()
+        )
+
+    def _expecting(self, file_id: bytes) -> bool:
+        return file_id not in self.manifests and any(
+            j.transfer.manifest is None and j.transfer.state is TransferState.PLANNING
             for j in self.jobs.values()
         )
 

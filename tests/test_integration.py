@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -292,6 +293,49 @@ def test_a_capped_link_delivers_each_reply_at_its_pace(
         _req(context, broker.origin_endpoint, protocol.encode(SegmentRequest(b"\7" * 32, 0, 1)))
     )
     assert isinstance(refused, Error) and refused.code == WireCode.NOT_HELD
+
+
+def test_a_parent_whose_plan_is_on_its_way_holds_requests_for_the_file_it_will_fetch(
+    share: Path, start_broker: StartBroker, start_peer: Callable[..., Peer], context: zmq.Context[Any]
+) -> None:
+    # Children whose plans came first ask their relay parent before its own plan is back: it
+    # does not know the file yet. It refused (767 refusals in the first 0.7 s of a 16-host run,
+    # their segments went to the origin); now, while a get of its own waits for its manifest,
+    # it holds such a request and serves it as the segments arrive.
+    data = write_random(share / "f.bin", 8 * SEGMENT_SIZE, seed=16)
+    broker = start_broker()
+    parent = start_peer("parent", broker)
+    manifest = hash_file(share / "f.bin", "f.bin")
+    request = protocol.encode(SegmentRequest(manifest.file_id, 0, 4))
+    refused = protocol.decode(_req(context, parent.serve_endpoint, request))
+    assert isinstance(refused, Error) and refused.code == WireCode.NOT_HELD  # no get: refused
+    store = parent.store
+    store.expect("f.bin")  # what starting a get does, before its plan is back
+    sock = context.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(parent.serve_endpoint)
+    try:
+        sock.send_multipart(request)
+        assert not sock.poll(300), "answered before the parent knew the file"
+        store.begin(manifest)  # the plan came: the parent fetches the file
+        fd = store.open_for_write(manifest.file_id)
+        try:
+            store.write_run(fd, manifest.file_id, 0, memoryview(data[: 4 * SEGMENT_SIZE]))
+        finally:
+            os.close(fd)
+        assert sock.poll(5000), "the parked request was not served"
+        reply = protocol.decode(sock.recv_multipart())
+        assert isinstance(reply, SegmentData) and bytes(reply.payload) == data[: 4 * SEGMENT_SIZE]
+    finally:
+        sock.close(linger=0)
+    store.stop_fetching(manifest.file_id)
+    # Expecting ends with the get; an unknown file's request waits at most PARK_MAX_S then.
+    store.expect("g.bin")
+    store.unexpect("g.bin")
+    other = protocol.decode(
+        _req(context, parent.serve_endpoint, protocol.encode(SegmentRequest(b"\7" * 32, 0, 1)))
+    )
+    assert isinstance(other, Error) and other.code == WireCode.NOT_HELD
 
 
 def test_origin_serves_runs_and_refuses_bad_requests(
