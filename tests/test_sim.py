@@ -16,7 +16,7 @@ from common.manifest import SEGMENT_SIZE
 from common.protocol import SourceReason
 from common.ranges import SegmentSet
 from peer.transfer import TransferSettings
-from sim.swarm import SimPeer, SimSettings, SimSwarm
+from sim.swarm import SimManifest, SimPeer, SimSettings, SimSwarm
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,6 +41,19 @@ def get(sw: SimSwarm, peer: SimPeer, name: str, limit_s: float = 120.0) -> dict[
     assert sw.run_until_done(name, [peer], limit_s), f"{peer.peer_name} did not finish {name}"
     assert name not in peer.errors, peer.errors
     return future.result(0).sources
+
+
+def uniform_crowd(n: int, size_mib: int, sw: SimSwarm | None = None) -> tuple[SimSwarm, SimManifest, float]:
+    """`n` downloaders on 100 Mbit/s uplinks start one file of `size_mib` together; returns the
+    swarm, the file and when the last one finished (simulated seconds)."""
+    sw = sw if sw is not None else swarm()
+    f = sw.add_file("f.bin", size_mib * 1024 * 1024)
+    peers = [sw.add_peer(f"p{i}", 100 * MBIT) for i in range(1, n + 1)]
+    sw.run(1.0)
+    for p in peers:
+        p.get("f.bin")
+    assert sw.run_until_done("f.bin", peers, 600)
+    return sw, f, max(p.done_at["f.bin"] for p in peers)
 
 
 def test_acceptance_scenario() -> None:
@@ -116,16 +129,9 @@ def test_relays_fed_late_while_the_trees_fill_are_not_found_slow() -> None:
     of the busiest ones' rate and their children lag; judged at once, a quarter of the swarm
     was made leaves for good and the swarm took 1.9x the bound (half the uplinks idle, worse
     the larger the file). A relay must look slow for SLOW_CONFIRM_S before it is moved."""
-    sw = swarm()
-    f = sw.add_file("f.bin", 64 * 1024 * 1024)
-    peers = [sw.add_peer(f"p{i}", 100 * MBIT) for i in range(1, 17)]
-    sw.run(1.0)
-    for p in peers:
-        p.get("f.bin")
-    assert sw.run_until_done("f.bin", peers, 120)
+    sw, f, took = uniform_crowd(16, 64)
     assert not sw.tracker.slow_relays(f.file_id)
     ideal = 16 * f.size * 8 / (17 * 100 * MBIT)
-    took = max(p.done_at["f.bin"] for p in peers)
     assert took < 1.3 * ideal, (took, ideal)  # simulated seconds: 1.21x (1.9x when judged at once)
     assert sw.origin_copies(f) <= 1.1
 
@@ -135,16 +141,9 @@ def test_relays_found_slow_that_upload_fast_since_relay_again() -> None:
     is made a leaf; kept a leaf, another downloader relays two stripes and the swarm goes at its
     pace (19.5 s, 1.87x the bound). It has uploaded fast since (serving what its children had
     asked), so it relays again: 14.0 s, 1.35x."""
-    sw = swarm()
-    f = sw.add_file("f.bin", 128 * 1024 * 1024)
-    peers = [sw.add_peer(f"p{i}", 100 * MBIT) for i in range(1, 33)]
-    sw.run(1.0)
-    for p in peers:
-        p.get("f.bin")
-    assert sw.run_until_done("f.bin", peers, 300)
+    sw, f, took = uniform_crowd(32, 128)
     assert not sw.tracker.slow_relays(f.file_id)
     ideal = 32 * f.size * 8 / (33 * 100 * MBIT)
-    took = max(p.done_at["f.bin"] for p in peers)
     assert took < 1.5 * ideal, (took, ideal)
     assert sw.origin_copies(f) <= 1.1
 
@@ -183,15 +182,8 @@ def test_the_coarse_mode_keeps_sizes_in_bytes_and_predicts_the_same_swarm() -> N
         if segment != SEGMENT_SIZE:
             settings = settings.coarse(segment)
             assert settings.plan_block_segments == 4 and settings.peer.batch_segments == 4
-        sw = SimSwarm(settings, origin_up_bps=100 * MBIT)
-        f = sw.add_file("f.bin", 64 * 1024 * 1024)
+        sw, f, times[segment] = uniform_crowd(16, 64, SimSwarm(settings, origin_up_bps=100 * MBIT))
         assert f.segment_size == segment and f.segment_count == 64 * 1024 * 1024 // segment
-        peers = [sw.add_peer(f"p{i}", 100 * MBIT) for i in range(1, 17)]
-        sw.run(1.0)
-        for p in peers:
-            p.get("f.bin")
-        assert sw.run_until_done("f.bin", peers, 300)
-        times[segment] = max(p.done_at["f.bin"] for p in peers)
         assert sw.origin_copies(f) <= 1.1
     assert abs(times[256 * 1024] / times[16 * 1024] - 1) < 0.10, times
     with pytest.raises(ValueError, match="multiple"):
