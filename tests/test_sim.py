@@ -164,7 +164,7 @@ def test_a_big_file_is_planned_a_window_at_a_time_without_a_stall() -> None:
         planned.append(sum(count for _, count, _ in getattr(reply, "plan", ())))
         return reply
 
-    sw.tracker.on_get = spy  # type: ignore[method-assign]
+    sw.tracker.on_get = spy  # type: ignore[method-assign, assignment]
     assert get(sw, p, "f.bin") == {"broker": f.segment_count}
     assert max(planned) <= 4096 + 64 and len([n for n in planned if n]) >= 4  # windows of 64 MiB
     took = p.done_at["f.bin"]
