@@ -96,8 +96,8 @@ MAX_CACHED_TREES = 1024  # files whose relay trees are kept between GETs
 # back (with 100 / 20 links it is 5x).
 SLOW_RELAY_FACTOR = 3.0
 RELAY_SETTLE_S = 1.0  # a relay is judged once it has had children this long
-# A relay that looks slow is found so only if its children's lag has grown by SLOW_LAG_BYTES
-# this long later: while trees fill, relays fed late look slow for a second or two.
+# A relay that looks slow is found so only if it still looks slow at a check this long later:
+# while trees fill, relays fed late look slow for a second or two.
 SLOW_CONFIRM_S = 0.5
 RELAY_CHECK_S = 0.5  # relays are judged at most this often (a GET of the file runs the check)
 SLOW_LAG_BYTES = 1 << 20  # children this far behind their relay wait on its uplink
@@ -600,9 +600,10 @@ class Tracker:
         more than SLOW_LAG_BYTES behind them in the stripe they relay (so what limits the
         children is the relay's uplink, not what reaches the relay), and the relay's peak upload
         rate (heartbeats) is under 1 / slow_relay_factor of the fastest downloader's. Judged once
-        the trees have stood RELAY_SETTLE_S, and only a relay whose children fall further
-        behind for SLOW_CONFIRM_S is marked. Neither figure alone will do: a relay fed slowly
-        uploads slowly on a fast link, and a fast relay's children lag while they start."""
+        the trees have stood RELAY_SETTLE_S, and only a relay that still looks so SLOW_CONFIRM_S
+        after it first did is marked; one marked that has since uploaded fast is unmarked.
+        Neither figure alone will do: a relay fed slowly uploads slowly on a fast link, and a
+        fast relay's children lag while they start."""
         trees = cached.trees
         if now - cached.built_at < RELAY_SETTLE_S or len(cached.crowd) <= trees.stripes:
             return cached.slow

@@ -392,6 +392,7 @@ class Agent(ServiceThread, PeerDriver):
         return []
 
     def io_prepare(self, job: Job, manifest: Manifest, now: float) -> list[Command]:
+        self.store.unexpect(job.transfer.name)  # the manifest is known: no longer a guess
         try:
             same = self.store.entry(manifest.file_id)
             if same is not None and same.complete and same.path.is_file():

@@ -221,8 +221,8 @@ class Store:
             return file_id in self._fetching
 
     def expect(self, name: str) -> None:
-        """A get of `name` started: until its manifest is known (`begin`, or `unexpect` when the
-        get ends), requests for files this store does not know may be for it (`expecting`)."""
+        """A get of `name` started: until its manifest is known (`unexpect`), requests for files
+        this store does not know may be for it (`expecting`)."""
         with self._lock:
             self._planning.add(name)
 
@@ -308,7 +308,6 @@ class Store:
         with self._lock:
             entry = self._entries.setdefault(manifest.file_id, Entry(manifest, held, partial))
             self._fetching.add(manifest.file_id)
-            self._planning.discard(manifest.name)
             return entry.held.copy()
 
     def open_for_write(self, file_id: bytes) -> int:

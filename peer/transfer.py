@@ -770,14 +770,17 @@ class Transfer:
             # Peers may have gained what the broker is serving us, and relay trees change as
             # downloaders come and go.
             return True
-        idle = not download.sources_with_work() and download.pending == 0
+        if not download.sources_with_work() and download.pending == 0:
+            return True  # idle
+        if not download.deferred():
+            return False
         # Deferred segments (a plan covers a window of a big file): ask again while PLAN_AHEAD_S
         # of work is left at the present pace, so the next plan is here before the work runs out.
         low_water = max(
             self.settings.batch_segments * self.settings.lanes_per_source,
             int(self._pace(download) * PLAN_AHEAD_S) // self._segment_bytes,
         )
-        return idle or download.wants_plan(low_water)
+        return download.wants_plan(low_water)
 
     @staticmethod
     def _leans_on_broker(download: Download) -> bool:

@@ -318,6 +318,7 @@ def test_a_parent_whose_plan_is_on_its_way_holds_requests_for_the_file_it_will_f
         sock.send_multipart(request)
         assert not sock.poll(300), "answered before the parent knew the file"
         store.begin(manifest)  # the plan came: the parent fetches the file
+        store.unexpect("f.bin")  # as the agent does once the manifest is known
         fd = store.open_for_write(manifest.file_id)
         try:
             store.write_run(fd, manifest.file_id, 0, memoryview(data[: 4 * SEGMENT_SIZE]))
