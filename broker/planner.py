@@ -39,6 +39,7 @@ from common.ranges import Run, SegmentSet
 BROKER_SOURCE = "broker"
 _BROKER_SENTINEL = 1 << 30
 MAX_PARTIAL_HOLDERS = 32
+FEW_SLOW = 10  # at most one slow downloader in this many: swapped out, not dealt anew
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,9 +104,9 @@ class RelayTrees:
         slow: frozenset[str] = frozenset(),
     ) -> None:
         """`members`: (join position, name) of the file's downloaders, in join order. `slow`:
-        members whose uplink relays far slower than the others'; they go last in every stripe,
-        where the heap's leaves are, so the others relay for them (SplitStream's forwarding
-        capacity, with two classes)."""
+        members whose uplink relays far slower than the others'; they take leaf places in every
+        stripe, so the others relay for them (SplitStream's forwarding capacity, with two
+        classes)."""
         self.fanout = max(1, fanout)
         # Fewer downloaders than stripes: as many stripes as downloaders, so that no stripe is
         # without an inner node of its own.
@@ -113,24 +114,59 @@ class RelayTrees:
         self.orders: list[list[str]] = []
         self.places: list[dict[str, int]] = []
         stripes = self.stripes
-        if not slow:
-            # A member's class is its join position mod the stripe count. Stripe s's order is
-            # class s (its inner nodes), then the others in join order: a newcomer is last in
-            # every stripe but its class's, so its arrival moves no one else there.
-            for stripe in range(stripes):
-                order = [name for pos, name in members if pos % stripes == stripe]
-                order += [name for pos, name in members if pos % stripes != stripe]
-                self._add(order)
-            return
-        # Some are slow: they go last. The others are dealt into classes by rank, and stripe s
-        # takes class s first, then classes s + 1, s + 2, ... in turn: where class s has fewer
-        # members than the stripe has inner places, the next classes fill them, so every fast
-        # member relays about as much (the join positions of the fast may fall into few classes).
-        fast = [name for _, name in members if name not in slow]
-        last = [name for _, name in members if name in slow]
+        # A member's class is its join position mod the stripe count. Stripe s's order is class s
+        # (its inner nodes), then the others in join order: a newcomer is last in every stripe
+        # but its class's, so its arrival moves no one else there.
+        orders = []
         for stripe in range(stripes):
-            dealt = sorted(range(len(fast)), key=lambda rank: ((rank - stripe) % stripes, rank))
-            self._add([fast[rank] for rank in dealt] + last)
+            order = [name for pos, name in members if pos % stripes == stripe]
+            order += [name for pos, name in members if pos % stripes != stripe]
+            orders.append(order)
+        if slow and len(slow) * FEW_SLOW <= len(members):
+            self._swap_out(orders, slow)
+        elif slow:
+            # Many are slow (mixed links): they go last. The others are dealt into classes by
+            # rank, and stripe s takes class s first, then classes s + 1, s + 2, ... in turn:
+            # where class s has fewer members than the stripe has inner places, the next classes
+            # fill them, so every fast member relays about as much (the join positions of the
+            # fast may fall into few classes).
+            fast = [name for _, name in members if name not in slow]
+            last = [name for _, name in members if name in slow]
+            orders = []
+            for stripe in range(stripes):
+                dealt = sorted(range(len(fast)), key=lambda rank: ((rank - stripe) % stripes, rank))
+                orders.append([fast[rank] for rank in dealt] + last)
+        for order in orders:
+            self._add(order)
+
+    def _swap_out(self, orders: list[list[str]], slow: frozenset[str]) -> None:
+        """Each slow member in an inner place trades places with a fast leaf of that stripe:
+        the fast member relaying fewest stripes so far, the latest in the order among those.
+        Only the two places change, so marking (or unmarking) a few relays of a thousand
+        re-parents a few dozen downloaders, not all of them (dealing every place anew made each
+        mark a new tree for the whole crowd: at N = 1,000 two such rebuilds in the first seconds
+        cost more than a fifth of the download). A fast member may relay two stripes; the
+        least loaded go first, so the extra relaying is shared evenly."""
+        fanout = self.fanout
+        inner = -(-(len(orders[0]) - 1) // fanout)  # ceil((len - 1) / fanout)
+        roles: dict[str, int] = {}
+        for order in orders:
+            for name in order[:inner]:
+                if name not in slow:
+                    roles[name] = roles.get(name, 0) + 1
+        for order in orders:
+            candidates = [
+                (roles.get(name, 0), -place, name)
+                for place, name in enumerate(order)
+                if place >= inner and name not in slow
+            ]
+            heapq.heapify(candidates)
+            for place in range(inner):
+                if order[place] not in slow or not candidates:
+                    continue
+                _, neg_place, name = heapq.heappop(candidates)
+                order[place], order[-neg_place] = name, order[place]
+                roles[name] = roles.get(name, 0) + 1
 
     def _add(self, order: list[str]) -> None:
         self.orders.append(order)

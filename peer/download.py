@@ -414,7 +414,15 @@ class Download:
                 self.pending -= run_count
                 if stale:
                     continue  # deferred: the next plan decides
-                since = self.later_since.setdefault((source_name, run_first), now)
+                # The limit runs once the source has delivered some of this download: a relay
+                # that has not yet is still being fed (five levels deep, 1,000 downloaders take
+                # seconds to fill), and giving up on it there made every downloader of a stripe
+                # ask the origin at once, which starved the stripe's root and stopped the swarm.
+                since = (
+                    self.later_since.setdefault((source_name, run_first), now)
+                    if self.received.get(source_name)
+                    else now
+                )
                 if source is not None and not source.dead and now - since < limit_s:
                     source.push_front((run_first, run_count))
                     continue

@@ -760,18 +760,29 @@ def test_parallel_lanes_arriving_together_do_not_inflate_the_rate() -> None:
 
 def test_later_under_the_current_plan_asks_the_same_relay_again() -> None:
     d = Download(128, SegmentSet(), batch=64)
-    d.replan([peer("relay", [(0, 128)]), broker()], [(0, 64, 0), (64, 64, 1)])
+    d.replan([peer("relay", [(0, 128)]), broker()], [(0, 64, 0), (64, 1, 0), (65, 63, 1)])
     first = d.take("relay")
     assert first == (0, 64)
     request = d.last_request
     assert request is not None and request.plan == d.plans
     d.on_later("relay", [(0, 64)], now=1.0, limit_s=5.0, asked_under=request.plan)
-    assert queued(d, "relay") == set(range(64))  # back at the front of the same relay
+    assert queued(d, "relay") == set(range(65))  # back at the front of the same relay
     assert states(d, 0, 64) == {SegmentState.MISSING}
     accounted(d)
-    # ...until it has been `later` there for limit_s: then elsewhere (here the origin)
+    # A relay that has delivered nothing of this download yet is still being fed (deep trees
+    # take seconds to fill): the limit does not run, the run stays with it.
     assert d.take("relay") == (0, 64)
     d.on_later("relay", [(0, 64)], now=6.5, limit_s=5.0, asked_under=d.plans)
+    assert queued(d, "relay") == set(range(65))
+    accounted(d)
+    # Once it has delivered, a run `later` there for limit_s goes elsewhere (here the origin).
+    assert d.take("relay") == (0, 64)
+    assert d.take("relay") == (64, 1)
+    d.on_done("relay", 64, 1)
+    d.on_later("relay", [(0, 64)], now=7.0, limit_s=5.0, asked_under=d.plans)
+    assert queued(d, "relay") == set(range(64))
+    assert d.take("relay") == (0, 64)
+    d.on_later("relay", [(0, 64)], now=12.5, limit_s=5.0, asked_under=d.plans)
     assert queued(d, "relay") == set() and set(range(64)) <= queued(d, BROKER)
     accounted(d)
 
