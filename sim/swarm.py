@@ -153,6 +153,7 @@ class Host:
         self.timeline: list[tuple[float, int]] = []  # (time, payload sent so far)
         self._last = 0.0
         self._version = 0
+        self._armed_at = math.inf  # when the pending completion timer fires (inf: none)
 
     def send(self, nbytes: int, to: Host, on_arrival: Callable[[], None]) -> Flow:
         """Start sending `nbytes` of payload to `to`; `on_arrival` runs when the last byte is in."""
@@ -205,16 +206,24 @@ class Host:
             flow.rate = share if to.down_Bps == math.inf else min(share, to.down_Bps / max(to.incoming, 1))
 
     def _arm(self) -> None:
-        self._version += 1
+        """A timer at this uplink's next completion. A new flow slows the others, so the next
+        completion often moves later: the timer already pending is kept (it fires early, finds
+        nothing finished and arms again) instead of pushing another and leaving the first to
+        fire stale; at 300 peers two thirds of the timer events were stale ones."""
         if not self.flows:
             return
         now = self.clock.now
-        soonest = min(max(f.remaining, 0.0) / f.rate for f in self.flows)
-        self.clock.at(now + soonest, self._on_timer, self._version)
+        when = now + min(max(f.remaining, 0.0) / f.rate for f in self.flows)
+        if now <= self._armed_at <= when:
+            return
+        self._version += 1
+        self._armed_at = when
+        self.clock.at(when, self._on_timer, self._version)
 
     def _on_timer(self, version: int) -> None:
         if version != self._version:
             return
+        self._armed_at = math.inf
         self._advance()
         finished = [f for f in self.flows if f.remaining <= 1e-3]
         if not finished:
