@@ -403,7 +403,8 @@ class Download:
         tree of now. Relays waiting on each other in a cycle hold requests made under plans of
         different trees, and a request parked at a relay is in flight during every replan, so
         without this it would be asked of the same relay again and again. A segment still
-        `later` at the same source after `limit_s` is taken elsewhere all the same."""
+        `later` at the same source after `limit_s` (counted once the source has delivered some
+        of the download) is taken elsewhere all the same."""
         for first, count in runs:
             self.on_reply(source_name, first, count)
         source = self.sources.get(source_name)
