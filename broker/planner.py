@@ -129,7 +129,8 @@ class RelayTrees:
             # rank, and stripe s takes class s first, then classes s + 1, s + 2, ... in turn:
             # where class s has fewer members than the stripe has inner places, the next classes
             # fill them, so every fast member relays about as much (the join positions of the
-            # fast may fall into few classes).
+            # fast may fall into few classes). Swapping them all out instead measured worse in
+            # a simulated mixed swarm (N = 100: 3.02x the bound against 2.48x).
             fast = [name for _, name in members if name not in slow]
             last = [name for _, name in members if name in slow]
             orders = []
@@ -144,9 +145,10 @@ class RelayTrees:
         the fast member relaying fewest stripes so far, the latest in the order among those.
         Only the two places change, so marking (or unmarking) a few relays of a thousand
         re-parents a few dozen downloaders, not all of them (dealing every place anew made each
-        mark a new tree for the whole crowd: at N = 1,000 two such rebuilds in the first seconds
-        cost more than a fifth of the download). A fast member may relay two stripes; the
-        least loaded go first, so the extra relaying is shared evenly."""
+        mark a new tree for the whole crowd: at N = 1,000, six relays marked while the trees
+        filled and unmarked a second later re-parented nearly every downloader twice). A fast
+        member may relay two stripes; the least loaded go first, so the extra relaying is
+        shared evenly."""
         fanout = self.fanout
         inner = -(-(len(orders[0]) - 1) // fanout)  # ceil((len - 1) / fanout)
         roles: dict[str, int] = {}

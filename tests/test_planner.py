@@ -426,8 +426,8 @@ def test_slow_members_are_leaves_and_the_fast_relay_evenly(n: int, slow_every: i
 def test_a_few_slow_relays_of_many_move_only_their_neighbours() -> None:
     """Marking six relays of 1,000 slow swaps each out of its inner place with a fast leaf:
     only their children, their parents' child lists and the swapped leaves see a change (dealing
-    every place anew re-parented nearly the whole crowd at each mark, and at N = 1,000 the two
-    rebuilds of the first seconds cost a fifth of the download in the simulator)."""
+    every place anew re-parented nearly the whole crowd at each mark: at N = 1,000 in the
+    simulator, twice in the first seconds)."""
     members = [(pos, f"d{pos}") for pos in range(1000)]
     before = RelayTrees(members, 4)
     slow = frozenset({"d0", "d5", "d10", "d123", "d400", "d999"})  # d0 roots stripe 0
