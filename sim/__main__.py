@@ -141,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, help="draw time / ideal against N into this PNG")
     ap.add_argument("--results-name", default="sim", help="bench/results/<name>.json")
     args = ap.parse_args(argv)
+    if args.segment_kib != 16:
+        try:
+            SimSettings.defaults().coarse(args.segment_kib * 1024)
+        except ValueError as e:
+            ap.error(f"--segment-kib {args.segment_kib}: {e}")
     measured = code_measured()
     logging.basicConfig(level=logging.ERROR)  # timeouts, evictions: the table says what matters
     size = int(args.size_mib * MIB)

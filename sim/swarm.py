@@ -62,6 +62,7 @@ from peer.session import RegistrationChanged
 from peer.transfer import Command, GetResult, SendRequest, TransferSettings, TransferState, Write
 
 WIRE_OVERHEAD = 1.045  # (1448 + 66) / 1448: headers per full TCP segment, as tc counts bytes
+MAX_COARSE_SEGMENT = 2 << 20  # the coarse mode's largest segment (SimSettings.coarse)
 WIRE_HEADER_BYTES = 200  # ZMTP frames, msgpack header, TCP ack traffic: per message
 _GOOD_BYTES = bytes(MAX_RUN_SEGMENTS * SEGMENT_SIZE)
 _BAD_BYTES = bytes(MAX_RUN_SEGMENTS * SEGMENT_SIZE)
@@ -575,6 +576,12 @@ class SimSettings:
         a segment once it holds all of it). docs/ARCHITECTURE.md says how close it stays."""
         if segment_size % SEGMENT_SIZE:
             raise ValueError(f"segment size {segment_size} is not a multiple of {SEGMENT_SIZE}")
+        if segment_size > MAX_COARSE_SEGMENT:
+            raise ValueError(
+                f"segment size {segment_size} is above {MAX_COARSE_SEGMENT}: the coarse mode predicts "
+                "the same swarm up to 1 MiB segments (2 MiB: within 8%); with 4 MiB, 100 downloads of "
+                "1 GiB did not finish in an hour of simulated time"
+            )
         scale = segment_size // SEGMENT_SIZE
         return replace(
             self,

@@ -188,6 +188,20 @@ def test_the_coarse_mode_keeps_sizes_in_bytes_and_predicts_the_same_swarm() -> N
     assert abs(times[256 * 1024] / times[16 * 1024] - 1) < 0.10, times
     with pytest.raises(ValueError, match="multiple"):
         SimSettings.defaults().coarse(100_000)
+    with pytest.raises(ValueError, match="did not finish"):
+        SimSettings.defaults().coarse(4 << 20)
+
+
+def test_the_sim_command_refuses_a_coarse_segment_it_cannot_predict_with(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from sim.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--segment-kib", "4096"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--segment-kib 4096" in err and "2097152" in err, err
 
 
 def test_relays_waiting_on_each_other_from_older_plans_let_go_at_the_next_plan() -> None:
