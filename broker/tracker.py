@@ -652,7 +652,7 @@ class Tracker:
         # stripes, and the swarm went at their pace: 2.2x the bound instead of 1.2x.
         factor = self.settings.slow_relay_factor
         kept = frozenset(name for name in cached.slow if name in peers and peers[name].up_bps * factor < best)
-        return kept | slow if slow else kept
+        return kept | slow
 
     def _relay(self, trees: RelayTrees, file_id: bytes, peer: str, now: float) -> Relay | None:
         names = trees.parents(peer)

@@ -106,7 +106,6 @@ def sim_manifest(name: str, size: int, seed: int = 0, segment_size: int = SEGMEN
 
 class Clock:
     def __init__(self) -> None:
-        self.hosts: list[Host] = []
         self.now = 0.0
         self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
@@ -114,9 +113,6 @@ class Clock:
 
     def at(self, when: float, fn: Callable[..., None], *args: Any) -> None:
         heapq.heappush(self._heap, (max(when, self.now), next(self._seq), fn, args))
-
-    def flows_into(self, host: Host) -> list[Flow]:
-        return list(host.inbound)
 
     def run(self, until: float, stop: Callable[[], bool] = lambda: False) -> None:
         """Run every event due by `until` (then the clock reads `until`), or until `stop()`."""
@@ -626,7 +622,6 @@ class SimSwarm:
         self.clock = Clock()
         self.rng = random.Random(seed)
         self.broker_host = Host(self.clock, "broker", origin_up_bps)
-        self.clock.hosts.append(self.broker_host)
         self._open: dict[tuple[int, int, int], Flow | None] = {}  # requests whose reply is wanted
         self.catalog = SimCatalog()
         self.manifests_by_id: dict[bytes, Manifest] = {}
@@ -675,7 +670,6 @@ class SimSwarm:
         start: bool = True,
     ) -> SimPeer:
         host = Host(self.clock, name, up_bps, down_bps, latency_s)
-        self.clock.hosts.append(host)
         peer = SimPeer(self, host, name, settings or self.settings.peer)
         self.peers[name] = peer
         self.by_routing[peer.routing_id] = peer
@@ -748,7 +742,6 @@ class SimSwarm:
     ) -> None:
         if key not in self._open:
             return  # the client closed that socket before the request was read
-        request_id = key[2]
         present = held.intersect_run(first, count) if held is not None and manifest is not None else []
         reply: Message
         if manifest is None or (not present and not later):
@@ -766,7 +759,6 @@ class SimSwarm:
             self.clock.at(self.clock.now + host.latency_s, self._deliver, client, job, key, reply)
             return
         self._open[key] = host.send(nbytes, client.host, lambda: self._deliver(client, job, key, reply))
-        del request_id
 
     def _deliver(self, client: SimPeer, job: Job, key: tuple[int, int, int], reply: Message) -> None:
         if self._open.pop(key, "closed") == "closed":
