@@ -39,25 +39,41 @@ from __future__ import annotations
 
 import heapq
 import hmac
+from collections import deque
 from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
+from common.protocol import RESERVED_SOURCE_NAMES
 from common.ranges import Run, SegmentSet
 
 PLANNED_TTL_S = 120.0  # a plan's runs may be reported this long after it was made
 MAX_PLANNED_FILES = 16  # files whose plans are remembered per reporter (the oldest go first)
-MAX_PLANNED_RUNS = 16_384  # runs remembered per reporter and file (the plan's first ones)
+MAX_PLANNED_RUNS = 16_384  # plan entries remembered per reporter and file (the oldest plans go first)
 MAX_RECHECK_FILES = 64  # files a peer may be asked to re-verify at once
 BULK_RUNS = 64  # more runs than this in one change: merge in one pass, not run by run
 
 
 @dataclass
 class _Planned:
-    """Runs planned from each source to one reporter, for one file."""
+    """The plans sent to one reporter for one file, kept as they were sent: (source names,
+    entries (first, count, source index)). Indexed by source only when a report needs it (a
+    GET at N = 1,000 spent a quarter of its time merging each plan's runs into sets that
+    reports, rare, were the only readers of)."""
 
     at: float
-    by_source: dict[str, SegmentSet]
-    runs: int
+    plans: deque[tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]] = field(default_factory=deque)
+    runs: int = 0  # entries kept, over all plans
+    index: dict[str, SegmentSet] | None = None  # by source, built at the first report after a plan
+
+    def by_source(self, source: str) -> SegmentSet | None:
+        if self.index is None:
+            runs: dict[str, list[Run]] = {}
+            for names, entries in self.plans:
+                for first, count, i in entries:
+                    if names[i] not in RESERVED_SOURCE_NAMES:  # the origin is not reported on
+                        runs.setdefault(names[i], []).append((first, count))
+            self.index = {name: SegmentSet(_union([], sorted(r))) for name, r in runs.items()}
+        return self.index.get(source)
 
 
 def _union(a: list[Run], b: list[Run]) -> list[Run]:
@@ -433,35 +449,32 @@ class Registry:
             record.planned_at = now
 
     def note_planned_runs(
-        self, reporter: str, file_id: bytes, runs_by_source: dict[str, list[Run]], now: float
+        self,
+        reporter: str,
+        file_id: bytes,
+        sources: tuple[str, ...],
+        entries: tuple[tuple[int, int, int], ...],
+        now: float,
     ) -> None:
-        """A plan was sent to `reporter`: remember which runs it was to fetch from which source,
-        so that its reports about them can be believed. Bounded: MAX_PLANNED_FILES files per
-        reporter (the least recently planned go first), MAX_PLANNED_RUNS runs per file."""
+        """A plan was sent to `reporter`: its `entries` (first, count, index into `sources`, the
+        source names), remembered so that its reports about those runs can be believed (the
+        origin's are never: it is not reported on). Bounded:
+        MAX_PLANNED_FILES files per reporter (the least recently planned go first),
+        MAX_PLANNED_RUNS entries per file (the oldest plans go first)."""
         record = self.peers.get(reporter)
         if record is None:
             return
         plans = record.plans
         entry = plans.pop(file_id, None)  # re-inserted last: the dict's order is recency
         if entry is None or now - entry.at > PLANNED_TTL_S:
-            entry = _Planned(now, {}, 0)
+            entry = _Planned(now)
         entry.at = now
-        for source, runs in runs_by_source.items():
-            if entry.runs >= MAX_PLANNED_RUNS:
-                break
-            runs = runs[: MAX_PLANNED_RUNS - entry.runs]
-            held = entry.by_source.get(source)
-            before = held.run_count() if held is not None else 0
-            if held is None or len(runs) > BULK_RUNS:
-                held = SegmentSet(_union(held.runs() if held is not None else [], sorted(runs)))
-                entry.by_source[source] = held
-            else:
-                # Added in place: a replan adds a window's runs to what the last plans named,
-                # and rebuilding the whole set at every GET cost a fifth of the simulator's time
-                # at 100 x 1 GiB.
-                for first, count in runs:
-                    held.add(first, count)
-            entry.runs += held.run_count() - before
+        entries = entries[:MAX_PLANNED_RUNS]
+        entry.plans.append((sources, entries))
+        entry.runs += len(entries)
+        while entry.runs > MAX_PLANNED_RUNS:
+            entry.runs -= len(entry.plans.popleft()[1])
+        entry.index = None
         plans[file_id] = entry
         while len(plans) > MAX_PLANNED_FILES:
             del plans[next(iter(plans))]
@@ -474,7 +487,7 @@ class Registry:
         entry = record.plans.get(file_id) if record is not None else None
         if entry is None or now - entry.at > PLANNED_TTL_S:
             return []
-        planned = entry.by_source.get(source)
+        planned = entry.by_source(source)
         if planned is None:
             return []
         out: list[Run] = []

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from broker.planner import (
-    BROKER_SOURCE,
     MAX_PARTIAL_HOLDERS,
     Plan,
     Relay,
@@ -486,7 +485,11 @@ class Tracker:
         if plan.relayed:
             self.m.segments_relayed.inc(plan.relayed)
         if peer is not None:
-            self._note_plan(peer, file_id, plan.sources, plan.entries, now)
+            # What this plan sends `peer` to fetch from which source: its bad_source reports
+            # are believed for those runs only.
+            self.registry.note_planned_runs(
+                peer, file_id, tuple(src.name for src in plan.sources), plan.entries, now
+            )
         return FileInfo(
             rid=request.rid,
             name=manifest.name,
@@ -712,26 +715,6 @@ class Tracker:
                 key = record.key if record is not None else None
             out.append(Source(src.name, src.endpoint, src.runs, key, src.why))
         return tuple(out)
-
-    def _note_plan(
-        self,
-        peer: str,
-        file_id: bytes,
-        sources: Sequence[Any],
-        entries: Sequence[tuple[int, int, int]],
-        now: float,
-    ) -> None:
-        """Remember what this plan sends `peer` to fetch from which peer: its bad_source
-        reports are believed for those runs only."""
-        runs_per_source: list[list[Run]] = [[] for _ in sources]
-        for first, count, index in entries:
-            runs_per_source[index].append((first, count))
-        by_source: dict[str, list[Run]] = {}
-        for source, runs in zip(sources, runs_per_source, strict=True):
-            if runs and source.name != BROKER_SOURCE:
-                by_source.setdefault(source.name, []).extend(runs)
-        if by_source:
-            self.registry.note_planned_runs(peer, file_id, by_source, now)
 
     def on_bad_source(self, request: BadSource, peer: str | None, now: float) -> Message:
         if peer is None:

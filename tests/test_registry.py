@@ -459,24 +459,32 @@ def test_a_refusal_asks_the_accused_to_recheck() -> None:
 def test_planned_runs_are_remembered_per_reporter_and_bounded() -> None:
     r = reg()
     r.register("d", b"rd", ep(1), [], now=0.0)
-    r.note_planned_runs("d", F1, {"a": [(0, 64), (128, 64)], "b": [(64, 64)]}, now=1.0)
+    sources = ("a", "b", "broker")
+    r.note_planned_runs("d", F1, sources, ((0, 64, 0), (64, 64, 1), (128, 64, 0), (192, 8, 2)), now=1.0)
     assert r.planned_runs("d", F1, "a", [(0, 200)], now=2.0) == [(0, 64), (128, 64)]
     assert r.planned_runs("d", F1, "b", [(60, 10)], now=2.0) == [(64, 6)]
     assert r.planned_runs("d", F1, "c", [(0, 10)], now=2.0) == []
+    assert r.planned_runs("d", F1, "broker", [(0, 200)], now=2.0) == []  # the origin: never reported on
     assert r.planned_runs("d", F2, "a", [(0, 10)], now=2.0) == []
     assert r.planned_runs("x", F1, "a", [(0, 10)], now=2.0) == []
-    # a replan adds to what was planned
-    r.note_planned_runs("d", F1, {"a": [(64, 64)]}, now=3.0)
+    # a replan adds to what was planned (its own source list)
+    r.note_planned_runs("d", F1, ("broker", "a"), ((64, 64, 1), (300, 4, 0)), now=3.0)
     assert r.planned_runs("d", F1, "a", [(0, 200)], now=3.0) == [(0, 192)]
+    assert r.planned_runs("d", F1, "b", [(0, 200)], now=3.0) == [(64, 64)]
     # too old: forgotten
     assert r.planned_runs("d", F1, "a", [(0, 10)], now=3.0 + 121.0) == []
     # at most MAX_PLANNED_FILES files per reporter, the oldest dropped
     for i in range(40):
-        r.note_planned_runs("d", bytes([i]) * 32, {"a": [(0, 1)]}, now=4.0 + i)
+        r.note_planned_runs("d", bytes([i]) * 32, ("a",), ((0, 1, 0),), now=4.0 + i)
     assert len(r.peers["d"].plans) == 16
-    # at most MAX_PLANNED_RUNS runs per file
-    r.note_planned_runs("d", F2, {"a": [(2 * i, 1) for i in range(40_000)]}, now=50.0)
+    # at most MAX_PLANNED_RUNS entries per file: the oldest plans go first
+    r.note_planned_runs("d", F2, ("a", "b"), ((0, 1, 1),), now=50.0)
+    r.note_planned_runs("d", F2, ("a",), tuple((2 * i, 1, 0) for i in range(16_000)), now=50.0)
+    assert r.planned_runs("d", F2, "b", [(0, 1)], now=50.0) == [(0, 1)]
+    r.note_planned_runs("d", F2, ("a",), tuple((2 * i + 1, 1, 0) for i in range(40_000)), now=51.0)
     assert r.peers["d"].plans[F2].runs <= 16_384
+    assert r.planned_runs("d", F2, "b", [(0, 1)], now=51.0) == []  # its plan went first
+    assert r.planned_runs("d", F2, "a", [(1, 1)], now=51.0) == [(1, 1)]
 
 
 def test_heartbeat_needs_the_token_a_growing_seq_and_the_key() -> None:
