@@ -322,7 +322,9 @@ class Download:
         return source.holds.intersect_run(first, count)
 
     def in_endgame(self) -> bool:
-        return self.pending > 0 and self.queued() == 0 and self.deferred() == 0
+        """Every segment not done is in flight: nothing queued, nothing deferred. (Tested in
+        this order: the sum over the queues runs only when the counts say it may be true.)"""
+        return self.pending > 0 and self.done + self.pending == self.segment_count and self.queued() == 0
 
     def not_done_runs(self, first: int, count: int) -> list[Run]:
         """The parts of a run not yet DONE (a duplicate reply must not write twice)."""
@@ -330,6 +332,10 @@ class Download:
 
     def sources_with_work(self) -> list[str]:
         return [s.name for s in self.sources.values() if s.queue and not s.dead]
+
+    def has_work(self) -> bool:
+        """Some live source has something queued."""
+        return any(s.queue and not s.dead for s in self.sources.values())
 
     # ---- outcomes
 

@@ -770,7 +770,7 @@ class Transfer:
             # Peers may have gained what the broker is serving us, and relay trees change as
             # downloaders come and go.
             return True
-        if not download.sources_with_work() and download.pending == 0:
+        if download.pending == 0 and not download.has_work():
             return True  # idle
         if not download.deferred():
             return False
@@ -790,7 +790,7 @@ class Transfer:
     @staticmethod
     def _waits_for_plan(download: Download) -> bool:
         """Nothing to fetch until the broker plans again (deferred segments only)."""
-        return not download.complete and download.pending == 0 and not download.sources_with_work()
+        return not download.complete and download.pending == 0 and not download.has_work()
 
     def _check_stuck(self, now: float) -> list[Command]:
         download = self.download

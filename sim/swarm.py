@@ -438,22 +438,29 @@ class SimPeer(PeerDriver):
             self._backlog.append((self.on_segment_request, (client, job, key, file_id, first, count)))
             return
         held = self.held.get(file_id)
-        if (self._fetching(file_id) and (held is None or not held.covers(first, count))) or self._expecting(
-            file_id
-        ):
+        fetching = self._fetching(file_id)
+        if (fetching and (held is None or not held.covers(first, count))) or self._expecting(file_id):
             # A relay parent: hold the request until the segments are here (cut-through); or a
             # parent whose own plan is on its way (common/segserver.py, `_may_park`).
             self._parked.setdefault(file_id, []).append(_Parked(client, job, key, first, count))
             self.swarm.clock.at(self.now + PARK_MAX_S, self._park_expired, file_id, key)
             return
-        self._serve(client, job, key, file_id, first, count)
+        self._serve(client, job, key, file_id, first, count, fetching)
 
     def _serve(
-        self, client: SimPeer, job: Job, key: tuple[int, int, int], file_id: bytes, first: int, count: int
+        self,
+        client: SimPeer,
+        job: Job,
+        key: tuple[int, int, int],
+        file_id: bytes,
+        first: int,
+        count: int,
+        fetching: bool | None = None,
     ) -> None:
+        """`fetching`: `_fetching(file_id)` if the caller knows it already."""
         held = self.held.get(file_id)
         manifest = self.manifests.get(file_id)
-        later = self._fetching(file_id)
+        later = self._fetching(file_id) if fetching is None else fetching
         self.swarm.serve(
             self.host, client, job, key, file_id, first, count, held, manifest, self.lying, later
         )
@@ -748,8 +755,11 @@ class SimSwarm:
             reply = Error(0, WireCode.NOT_HELD, "none of these segments is held")
             self.clock.at(self.clock.now + host.latency_s, self._deliver, client, job, key, reply)
             return
-        nbytes = sum(manifest.run_length(f, c) for f, c in present)
-        absent = tuple(SegmentSet(present).missing_in_run(first, count))
+        if len(present) == 1 and present[0] == (first, count):  # all of it: the common case
+            nbytes, absent = manifest.run_length(first, count), ()
+        else:
+            nbytes = sum(manifest.run_length(f, c) for f, c in present)
+            absent = tuple(SegmentSet(present).missing_in_run(first, count))
         if nbytes > len(_GOOD):
             raise ValueError(f"a {nbytes}-byte reply: the simulator's payloads stop at {len(_GOOD)}")
         payload = (_BAD if lying else _GOOD)[:nbytes]
