@@ -755,6 +755,7 @@ class SimSwarm:
             reply = Error(0, WireCode.NOT_HELD, "none of these segments is held")
             self.clock.at(self.clock.now + host.latency_s, self._deliver, client, job, key, reply)
             return
+        absent: tuple[Run, ...]
         if len(present) == 1 and present[0] == (first, count):  # all of it: the common case
             nbytes, absent = manifest.run_length(first, count), ()
         else:
