@@ -330,9 +330,11 @@ def plan_download(
         assert relay is not None
         parent = relay.parents[number % relay.stripes]
         if parent is not None:
-            index = relay_source(parent, SourceReason.RELAY)
+            index = relay_index.get(parent.name)
+            if index is None:
+                index = relay_source(parent, SourceReason.RELAY)
             promised[parent.name].add(first, count)
-            tree(first, count, index)
+            blocks.append((0, number, first, count, index))  # tree(), inlined: once per block
             return count
         # The root: what another downloader holds already comes from it, the rest from the origin.
         relayed_here = 0
@@ -372,53 +374,65 @@ def plan_download(
         blocks.append((0, first // block, first, count, source))
 
     full, touched = _block_index(holders, partial, block, segment_count, within=need)
-    for run_first, run_count in need.runs():
-        pos, end = run_first, run_first + run_count
-        while pos < end:
-            number = pos // block
-            stop = min(end, (number + 1) * block)
-            n = stop - pos
-            covering = full.get(number, [])
-            overlapping = touched.get(number, [])
-            if n < min(block, segment_count - number * block) and overlapping:
-                # Only part of the block is needed: some holders of part of it may cover that.
-                partly = overlapping
-                covering = covering + [i for i in partly if holders[i].segments.covers(pos, n)]
-                overlapping = [
-                    i for i in partly if i not in covering and holders[i].segments.overlaps(pos, n)
-                ]
-            availability = len(complete) + len(covering)
-            best = -1
-            if covering:
-                best = min(covering, key=lambda i: loads[i] + assigned[i])
-            from_heap = bool(heap) and (best < 0 or heap[0][0] <= loads[best] + assigned[best])
-            if from_heap:
-                best = heap[0][1]
-            # A relay place that already holds the run (a downloader that finished, keeping its
-            # place for a while) is a holder too: it serves the run when it is less loaded than
-            # the best holder (a slow or busy seed must not get the whole download from it).
-            sharer = _relay_holder(relay, number, pos, n) if best >= 0 and relay is not None else None
-            if sharer is not None and min(sharer.load, fair) + relay_load.get(sharer.name, 0) < (
-                loads[best] + assigned[best]
-            ):
-                relay_load[sharer.name] = relay_load.get(sharer.name, 0) + n
-                add(pos, n, relay_source(sharer, SourceReason.RELAY), availability)
-                relayed += n
-            elif from_heap:
-                heapq.heappop(heap)
-                assigned[best] += n
-                heapq.heappush(heap, (loads[best] + assigned[best], best))
-                add(pos, n, best, availability)
-            elif best >= 0:
-                assigned[best] += n
-                add(pos, n, best, availability)
-            elif overlapping:
-                _plan_segments(pos, n, holders, loads, overlapping, assigned, broker_index, add_or_relay)
-            elif relay is not None:
-                relayed += relay_block(pos, n, number)
-            else:
-                add(pos, n, broker_index, 0)  # nobody has any of it: one run from the origin
-            pos = stop
+    if not holders and relay is not None:
+        # No one to plan by what they hold (the usual GET of a crowd's member): every block goes
+        # to the relay trees, which the general loop below finds block by block the long way
+        # (at 1,000 downloaders that was most of a GET's planning).
+        for run_first, run_count in need.runs():
+            pos, end = run_first, run_first + run_count
+            while pos < end:
+                number = pos // block
+                stop = min(end, (number + 1) * block)
+                relayed += relay_block(pos, stop - pos, number)
+                pos = stop
+    else:
+        for run_first, run_count in need.runs():
+            pos, end = run_first, run_first + run_count
+            while pos < end:
+                number = pos // block
+                stop = min(end, (number + 1) * block)
+                n = stop - pos
+                covering = full.get(number, [])
+                overlapping = touched.get(number, [])
+                if n < min(block, segment_count - number * block) and overlapping:
+                    # Only part of the block is needed: some holders of part of it may cover that.
+                    partly = overlapping
+                    covering = covering + [i for i in partly if holders[i].segments.covers(pos, n)]
+                    overlapping = [
+                        i for i in partly if i not in covering and holders[i].segments.overlaps(pos, n)
+                    ]
+                availability = len(complete) + len(covering)
+                best = -1
+                if covering:
+                    best = min(covering, key=lambda i: loads[i] + assigned[i])
+                from_heap = bool(heap) and (best < 0 or heap[0][0] <= loads[best] + assigned[best])
+                if from_heap:
+                    best = heap[0][1]
+                # A relay place that already holds the run (a downloader that finished, keeping its
+                # place for a while) is a holder too: it serves the run when it is less loaded than
+                # the best holder (a slow or busy seed must not get the whole download from it).
+                sharer = _relay_holder(relay, number, pos, n) if best >= 0 and relay is not None else None
+                if sharer is not None and min(sharer.load, fair) + relay_load.get(sharer.name, 0) < (
+                    loads[best] + assigned[best]
+                ):
+                    relay_load[sharer.name] = relay_load.get(sharer.name, 0) + n
+                    add(pos, n, relay_source(sharer, SourceReason.RELAY), availability)
+                    relayed += n
+                elif from_heap:
+                    heapq.heappop(heap)
+                    assigned[best] += n
+                    heapq.heappush(heap, (loads[best] + assigned[best], best))
+                    add(pos, n, best, availability)
+                elif best >= 0:
+                    assigned[best] += n
+                    add(pos, n, best, availability)
+                elif overlapping:
+                    _plan_segments(pos, n, holders, loads, overlapping, assigned, broker_index, add_or_relay)
+                elif relay is not None:
+                    relayed += relay_block(pos, n, number)
+                else:
+                    add(pos, n, broker_index, 0)  # nobody has any of it: one run from the origin
+                pos = stop
 
     blocks.sort()
     sources = (

@@ -537,3 +537,28 @@ def test_a_register_of_65536_runs_in_reverse_order_is_cheap() -> None:
     r.remove_runs("a", F1, runs[::2])
     assert time.perf_counter() - start < 1.0
     assert r.holdings_of("a", F1).run_count() == 32_768
+
+
+def test_holders_outside_a_crowd_follow_joins_leaves_and_a_new_crowd() -> None:
+    # The names outside a GET's crowd are kept between GETs: every change of who holds the file,
+    # and a new crowd object, must show in the next answer.
+    r = reg()
+    for n, name in enumerate("abcd", 1):
+        r.register(name, name.encode(), ep(n), [(F1, [(0, 4)])], now=0.0)
+    crowd = frozenset({"a", "b"})
+    assert names(r.holders(F1, now=1.0, skip=crowd)) == ["c", "d"]
+    r.add_runs("a", F2, [(0, 1)])  # another file: nothing changes here
+    assert names(r.holders(F1, now=1.0, skip=crowd)) == ["c", "d"]
+    r.register("e", b"e", ep(5), [], now=1.0)
+    r.add_runs("e", F1, [(0, 1)])  # a new holder
+    assert names(r.holders(F1, now=1.0, skip=crowd)) == ["c", "d", "e"]
+    r.remove("c")  # a holder leaves
+    assert names(r.holders(F1, now=1.0, skip=crowd)) == ["d", "e"]
+    r.register("d", b"d2", ep(4), [], now=2.0)  # re-registers holding nothing
+    assert names(r.holders(F1, now=2.0, skip=crowd)) == ["e"]
+    assert names(r.holders(F1, now=2.0, skip=frozenset({"a"}))) == ["b", "e"]  # a new crowd
+    r.forget_file(F1)
+    assert r.holders(F1, now=2.0, skip=crowd) == []
+    r.add_runs("a", F1, [(0, 1)])
+    r.add_runs("c", F1, [(0, 1)])  # "c" left: ignored
+    assert names(r.holders(F1, now=2.0, skip=frozenset())) == ["a"]
