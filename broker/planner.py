@@ -378,12 +378,27 @@ def plan_download(
         # No one to plan by what they hold (the usual GET of a crowd's member): every block goes
         # to the relay trees, which the general loop below finds block by block the long way
         # (at 1,000 downloaders that was most of a GET's planning).
+        parents, stripes = relay.parents, relay.stripes
+        # Per stripe: the parent's place in the sources and its promised set's `add`, looked
+        # up once per plan instead of once per block.
+        stripe_source: list[tuple[int, Callable[[int, int], None]] | None] = [None] * stripes
         for run_first, run_count in need.runs():
             pos, end = run_first, run_first + run_count
             while pos < end:
                 number = pos // block
                 stop = min(end, (number + 1) * block)
-                relayed += relay_block(pos, stop - pos, number)
+                stripe = number % stripes
+                parent = parents[stripe]
+                if parent is None:
+                    relayed += relay_block(pos, stop - pos, number)
+                else:
+                    known = stripe_source[stripe]
+                    if known is None:
+                        index = relay_source(parent, SourceReason.RELAY)
+                        known = stripe_source[stripe] = (index, promised[parent.name].add)
+                    known[1](pos, stop - pos)
+                    blocks.append((0, number, pos, stop - pos, known[0]))
+                    relayed += stop - pos
                 pos = stop
     else:
         for run_first, run_count in need.runs():
