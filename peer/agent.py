@@ -222,6 +222,9 @@ class Agent(ServiceThread, PeerDriver):
         job.io.get("sockets", {}).pop(request_id, None)
         idle = self._idle_lanes.setdefault(endpoint, [])
         if len(idle) < _IDLE_LANES_PER_ENDPOINT:
+            # An idle lane leaves the poller: libzmq checks every polled socket at every poll
+            # (a zero-timeout poll(2) each), and idle lanes were most of a peer's syscalls.
+            self.poller.unregister(sock)
             idle.append(sock)
         else:
             self._close_socket(sock)
@@ -349,6 +352,7 @@ class Agent(ServiceThread, PeerDriver):
         idle = self._idle_lanes.get(endpoint)
         if idle:
             sock = idle.pop()
+            self.poller.register(sock, zmq.POLLIN)
         else:
             key = self._source_keys.get(endpoint)
             if self.transport.secure and key is None:

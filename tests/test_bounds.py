@@ -3,13 +3,15 @@ reply budget's accounting, the client identities, the session's token and sequen
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import pytest
 
 from common import protocol
 from common.protocol import MAX_HOLDINGS, MAX_REQUEST_RUNS, REGISTER_MAX_BYTES, Pong, Register, Registered
-from common.transport import ReplyBudget
+from common.segserver import BUDGET_POLL_S, CLIENT_WINDOW, SegmentServer, _Waiting
+from common.transport import ReplyBudget, Transport
 from peer.agent import fit_register
 from peer.session import BrokerSession, PublishHeartbeat, Recheck, SendRegister
 
@@ -86,3 +88,47 @@ def test_the_session_carries_the_token_and_a_growing_sequence() -> None:
     rid = next(c.rid for c in session.register(4.0) if isinstance(c, SendRegister))
     session.on_reply(Registered(rid, 7, EP, 1.0, 3, b"U" * 16), 4.0)
     assert session.token == b"U" * 16 and session.heartbeat_seq > before
+
+
+class _NoReads:
+    def read_run(self, file_id: bytes, first: int, count: int) -> None:
+        return None
+
+    def fetching(self, file_id: bytes) -> bool:
+        return False
+
+    def holds(self, file_id: bytes, first: int, count: int) -> bool:
+        return False
+
+    def expecting(self, file_id: bytes) -> bool:
+        return False
+
+
+def test_a_server_waiting_for_replies_to_drain_looks_less_often_until_one_has() -> None:
+    # libzmq does not say when a reply has left: the server looks, 2 ms after a look that served
+    # something, twice as long after each that did not (up to 32 ms), so a slow link does not
+    # wake it 500 times a second.
+    transport = Transport("t")
+    server = SegmentServer("s", transport, _NoReads(), "127.0.0.1", 0)  # type: ignore[arg-type]
+    server.setup()
+    try:
+        sock = server._sock
+        assert sock is not None
+        tracker = FakeTracker()
+        server.budget._items["ip:a"] = [(tracker, 1 << 20)] * CLIENT_WINDOW  # type: ignore[list-item]
+        server.budget._bytes["ip:a"] = server.budget.total = CLIENT_WINDOW << 20
+        request = protocol.SegmentRequest(fid(1), 0, 1)
+        server._enqueue(_Waiting("ip:a", [b"a", b""], request, 0.0, time.monotonic()), fresh=True)
+        waits = []
+        for _ in range(6):
+            server.run_once(0)  # a look: the window is full, nothing is served
+            waits.append(server._budget_poll_s)
+        assert waits == [0.004, 0.008, 0.016, 0.032, 0.032, 0.032]
+        now = time.monotonic()
+        assert 32 <= server.next_timeout_ms(now) <= 33
+        tracker.done = True  # the replies left: the next look serves the request
+        server.run_once(0)
+        assert server._queued_count == 0 and server._budget_poll_s == BUDGET_POLL_S
+    finally:
+        server.teardown()
+        transport.close(1.0)
