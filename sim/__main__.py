@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from common.checkout import CORE, git_state
-from sim.swarm import SimSettings, SimSwarm
+from sim.swarm import DEFAULT_LATENCY_S, SimSettings, SimSwarm
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 MIB = 1 << 20
@@ -58,6 +58,7 @@ def run_one(
     down_mbit: float,
     seed: int,
     segment_kib: int = 16,
+    latency_ms: float = DEFAULT_LATENCY_S * 1000,
 ) -> dict[str, Any]:
     up = up_mbit * 1e6
     origin_up = fast_mbit * 1e6 if links == "mixed" else up
@@ -65,7 +66,7 @@ def run_one(
     settings = SimSettings.defaults()
     if segment_kib != 16:
         settings = settings.coarse(segment_kib * 1024)
-    sw = SimSwarm(settings, origin_up_bps=origin_up, seed=seed)
+    sw = SimSwarm(settings, origin_up_bps=origin_up, seed=seed, latency_s=latency_ms / 1000)
     manifest = sw.add_file("f.bin", size)
     ups: list[float] = []
     peers = []
@@ -93,6 +94,7 @@ def run_one(
         "size_mib": size / MIB,
         "up_mbit": up_mbit,
         "segment_kib": segment_kib,
+        "latency_ms": latency_ms,
         "seconds": round(finished, 3),
         "ideal_s": round(ideal, 3),
         "vs_ideal": round(finished / ideal, 3),
@@ -156,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         default=16,
         help="coarse mode: simulate segments this large (a multiple of 16), for big files and swarms",
     )
+    ap.add_argument(
+        "--latency-ms",
+        default="0.1",
+        help="every host's one-way delay in ms, comma-separated (a round trip takes twice this)",
+    )
     ap.add_argument("--plot", type=Path, help="draw time / ideal against N into this PNG")
     ap.add_argument("--results-name", default="sim", help="bench/results/<name>.json")
     args = ap.parse_args(argv)
@@ -168,21 +175,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)  # timeouts, evictions: the table says what matters
     size = int(args.size_mib * MIB)
     rows: list[dict[str, Any]] = []
-    header = ("N", "links", "up", "time s", "ideal s", "x ideal", "origin", "wall s")
-    print("{:>5} {:<8} {:>5} {:>8} {:>8} {:>7} {:>6} {:>7}".format(*header))
+    header = ("N", "links", "up", "lat ms", "time s", "ideal s", "x ideal", "origin", "wall s")
+    print("{:>5} {:<8} {:>5} {:>6} {:>8} {:>8} {:>7} {:>6} {:>7}".format(*header))
     for links in args.links.split(","):
         for up_mbit in [float(x) for x in args.up_mbit.split(",")]:
-            for n in [int(x) for x in args.peers.split(",")]:
-                row = run_one(
-                    n, links, size, up_mbit, args.fast_mbit, args.down_mbit, args.seed, args.segment_kib
-                )
-                rows.append(row)
-                print(
-                    f"{n:>5} {links:<8} {up_mbit:>5g} {row['seconds']:>8.2f} {row['ideal_s']:>8.2f} "
-                    f"{row['vs_ideal']:>7.2f} {row['origin_copies']:>6.2f} {row['wall_s']:>7.1f}"
-                    + (f"  ({row['failed']} failed)" if row["failed"] else ""),
-                    flush=True,
-                )
+            for latency_ms in [float(x) for x in args.latency_ms.split(",")]:
+                for n in [int(x) for x in args.peers.split(",")]:
+                    row = run_one(
+                        n,
+                        links,
+                        size,
+                        up_mbit,
+                        args.fast_mbit,
+                        args.down_mbit,
+                        args.seed,
+                        args.segment_kib,
+                        latency_ms,
+                    )
+                    rows.append(row)
+                    print(
+                        f"{n:>5} {links:<8} {up_mbit:>5g} {latency_ms:>6g} {row['seconds']:>8.2f} "
+                        f"{row['ideal_s']:>8.2f} {row['vs_ideal']:>7.2f} {row['origin_copies']:>6.2f} "
+                        f"{row['wall_s']:>7.1f}" + (f"  ({row['failed']} failed)" if row["failed"] else ""),
+                        flush=True,
+                    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.results_name}.json"
     out.write_text(

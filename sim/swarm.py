@@ -63,6 +63,7 @@ from peer.transfer import Command, GetResult, SendRequest, TransferSettings, Tra
 
 WIRE_OVERHEAD = 1.045  # (1448 + 66) / 1448: headers per full TCP segment, as tc counts bytes
 MAX_COARSE_SEGMENT = 2 << 20  # the coarse mode's largest segment (SimSettings.coarse)
+DEFAULT_LATENCY_S = 0.0001  # one-way, every host: a LAN (python -m sim --latency-ms for others)
 WIRE_HEADER_BYTES = 200  # ZMTP frames, msgpack header, TCP ack traffic: per message
 _GOOD_BYTES = bytes(MAX_RUN_SEGMENTS * SEGMENT_SIZE)
 _BAD_BYTES = bytes(MAX_RUN_SEGMENTS * SEGMENT_SIZE)
@@ -132,7 +133,12 @@ class Host:
     connections share a `tc tbf` uplink), a downlink capacity and a one-way latency."""
 
     def __init__(
-        self, clock: Clock, name: str, up_bps: float, down_bps: float = math.inf, latency_s: float = 0.0001
+        self,
+        clock: Clock,
+        name: str,
+        up_bps: float,
+        down_bps: float = math.inf,
+        latency_s: float = DEFAULT_LATENCY_S,
     ):
         self.clock = clock
         self.name = name
@@ -623,12 +629,20 @@ class SimSettings:
 
 class SimSwarm:
     def __init__(
-        self, settings: SimSettings | None = None, origin_up_bps: float = 100e6, seed: int = 0
+        self,
+        settings: SimSettings | None = None,
+        origin_up_bps: float = 100e6,
+        seed: int = 0,
+        latency_s: float = DEFAULT_LATENCY_S,
     ) -> None:
+        """`latency_s`: every host's one-way delay, the broker's and (unless `add_peer` says
+        otherwise) the peers': a request between two hosts takes twice this to come back, plus
+        its bytes' time on the links."""
         self.settings = settings or SimSettings()
         self.clock = Clock()
         self.rng = random.Random(seed)
-        self.broker_host = Host(self.clock, "broker", origin_up_bps)
+        self.latency_s = latency_s
+        self.broker_host = Host(self.clock, "broker", origin_up_bps, latency_s=latency_s)
         self._open: dict[tuple[int, int, int], Flow | None] = {}  # requests whose reply is wanted
         self.catalog = SimCatalog()
         self.manifests_by_id: dict[bytes, Manifest] = {}
@@ -672,11 +686,12 @@ class SimSwarm:
         name: str,
         up_bps: float,
         down_bps: float = math.inf,
-        latency_s: float = 0.0001,
+        latency_s: float | None = None,
         settings: TransferSettings | None = None,
         start: bool = True,
     ) -> SimPeer:
-        host = Host(self.clock, name, up_bps, down_bps, latency_s)
+        latency = self.latency_s if latency_s is None else latency_s
+        host = Host(self.clock, name, up_bps, down_bps, latency)
         peer = SimPeer(self, host, name, settings or self.settings.peer)
         self.peers[name] = peer
         self.by_routing[peer.routing_id] = peer

@@ -7,7 +7,9 @@ the policy, not of the machine.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -202,6 +204,23 @@ def test_the_sim_command_refuses_a_coarse_segment_it_cannot_predict_with(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--segment-kib 4096" in err and "2097152" in err, err
+
+
+def test_the_sim_command_runs_a_swarm_at_each_latency_asked(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Round trips cost time the ideal bound does not count: the same swarm with 50 ms of one-way
+    # delay on every host (a 100 ms round trip) must take longer than on a LAN.
+    import sim.__main__ as sim_main
+
+    monkeypatch.setattr(sim_main, "RESULTS", tmp_path)
+    assert sim_main.main(["--peers", "4", "--size-mib", "4", "--latency-ms", "0.1,50"]) == 0
+    rows = json.loads((tmp_path / "sim.json").read_text())["rows"]
+    assert [r["latency_ms"] for r in rows] == [0.1, 50.0]
+    assert all(r["failed"] == 0 for r in rows)
+    assert rows[1]["seconds"] > rows[0]["seconds"] + 0.2, rows
+    table = capsys.readouterr().out
+    assert "lat ms" in table and " 50 " in table
 
 
 def test_relays_waiting_on_each_other_from_older_plans_let_go_at_the_next_plan() -> None:
