@@ -253,6 +253,9 @@ class PeerDriver:
 
     def on_tracker_reply(self, reply: Message, now: float) -> None:
         self.apply_session(self.session.on_reply(reply, now), now)
+        round_trip = self.session.round_trip_s
+        for job in self.jobs.values():
+            job.transfer.round_trip_s = round_trip
 
     def on_segment_reply(self, job: Job, request_id: int, reply: Message | Exception, now: float) -> None:
         if self.jobs.get(job.transfer.name) is not job:
@@ -483,6 +486,7 @@ class PeerDriver:
             known_file_id=cached.file_id if cached is not None else None,
             timings=self.timings,
             registered=self.session.registered,
+            round_trip_s=self.session.round_trip_s,
             manifest_type=self.manifest_type,
         )
         progress: Subscription[Progress] = Subscription()

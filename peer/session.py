@@ -28,6 +28,7 @@ holdings and the serving endpoint.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -124,6 +125,7 @@ SessionCommand = (
 class _Pending:
     deadline: float
     token: Any
+    sent_at: float = 0.0
 
 
 NAME_TAKEN_RETRY_S = 0.25
@@ -150,6 +152,12 @@ class BrokerSession:
         self._next_register = now
         self._ping_out = False
         self._silence_reported = False
+        # The smallest broker round trip since registering (0 until one is seen): the path's
+        # delay, how far this peer is from the others; transfers size their requests by it.
+        # The smallest, not a recent one: replies that waited behind this peer's own busy
+        # uplink (a shaped link queues for tens of ms) or a busy tracker read more, and
+        # longer requests there would only lengthen those queues.
+        self._round_trip = math.inf
 
     @property
     def registered(self) -> bool:
@@ -170,7 +178,7 @@ class BrokerSession:
         message = make(rid)
         protocol.encode(message)  # a message that cannot be sent must leave no trace
         self._take_rid()
-        self.pending[rid] = _Pending(now + (timeout_s or self.broker_timeout_s), token)
+        self.pending[rid] = _Pending(now + (timeout_s or self.broker_timeout_s), token, now)
         return [SendTracker(message)]
 
     def _take_rid(self) -> int:
@@ -185,6 +193,7 @@ class BrokerSession:
         pending = self.pending.pop(getattr(reply, "rid", -1), None)
         if pending is None:
             return commands  # a reply that came after its request timed out
+        self._note_round_trip(now - pending.sent_at)
         if isinstance(reply, Error) and reply.code == WireCode.NOT_REGISTERED:
             commands += self._lost("the broker does not know this peer", now)
         token = pending.token
@@ -203,6 +212,13 @@ class BrokerSession:
             return [*commands, Left()]
         return [*commands, Delivered(token, reply)]
 
+    def _note_round_trip(self, seconds: float) -> None:
+        self._round_trip = min(self._round_trip, seconds)
+
+    @property
+    def round_trip_s(self) -> float:
+        return self._round_trip if self._round_trip != math.inf else 0.0
+
     # ---- registration
 
     def register(self, now: float) -> list[SessionCommand]:
@@ -211,9 +227,10 @@ class BrokerSession:
             return []
         was = self.state
         self.state = SessionState.REGISTERING
+        self._round_trip = math.inf  # perhaps another path, or another broker: measured anew
         self._next_register = now + self.broker_timeout_s
         rid = self._take_rid()
-        self.pending[rid] = _Pending(now + self.broker_timeout_s, _REGISTER)
+        self.pending[rid] = _Pending(now + self.broker_timeout_s, _REGISTER, now)
         commands: list[SessionCommand] = [SendRegister(rid)]
         if was is SessionState.REGISTERED:
             commands.insert(0, RegistrationChanged(False, "registering again"))
@@ -259,7 +276,7 @@ class BrokerSession:
             return [Left()] if self.state is SessionState.LEFT else []
         self.state = SessionState.LEAVING
         rid = self._take_rid()
-        self.pending[rid] = _Pending(now + timeout_s, _BYE)
+        self.pending[rid] = _Pending(now + timeout_s, _BYE, now)
         return [SendTracker(Bye(rid))]
 
     # ---- time
@@ -296,7 +313,7 @@ class BrokerSession:
             if not self._ping_out and now - self._last_pong >= self.silence_s():
                 self._ping_out = True
                 rid = self._take_rid()
-                self.pending[rid] = _Pending(now + self.silence_s(), _PING)
+                self.pending[rid] = _Pending(now + self.silence_s(), _PING, now)
                 commands.append(SendTracker(Ping(rid)))
         return commands
 

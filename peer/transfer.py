@@ -353,6 +353,9 @@ class Transfer:
     error: ZswarmError | None = None
     result: GetResult | None = None
     origin_lanes: int = 1
+    # The network's round trip from this peer (the session's smallest broker round trip since
+    # it registered; the shell keeps it current). Requests last long enough to cover it.
+    round_trip_s: float = 0.0
     plan_asked: bool = False  # a `get` is out, its answer not yet in
     plan_was_empty: bool = False
     stuck_replans: int = 0
@@ -925,9 +928,16 @@ class Transfer:
         segment = self._segment_bytes
         if rate is None:  # probe: the rate is unknown
             return min(most, 2), max(1, min(INITIAL_BATCH_BYTES // segment, batch_max))
-        target = self._target_s
+        # With `lanes` requests of duration d in flight on a path of round trip r, a source
+        # delivers lanes x (1 - r / d) of its rate at most: requests last twice the round trip
+        # at least, or a long path starves them (the rate they measure shrinks them further:
+        # at 100 ms, downloads on 100 Mbit/s links settled at one 16 KiB segment per request
+        # and 2.5 Mbit/s). Not a source's own reply times: they hold its queue and the relay
+        # parent's wait for what it is fetching, which call for shorter requests, not longer.
+        round_trip = self.round_trip_s
+        target = max(self._target_s, 2 * round_trip)
         batch = max(1, min(batch_max, int(rate * target) // segment))
-        queue_s = max(self.settings.queue_target_s, 2 * target)
+        queue_s = max(self.settings.queue_target_s, 2 * target) + round_trip
         lanes = max(1, min(most, math.ceil(rate * queue_s / (batch * segment))))
         return lanes, batch
 

@@ -432,3 +432,40 @@ def test_the_simulation_is_deterministic() -> None:
         return max(p.done_at["f.bin"] for p in peers), sw.origin_copies(f)
 
     assert run() == run()
+
+
+def test_the_session_keeps_the_smallest_broker_round_trip_since_registering() -> None:
+    from common.protocol import Ok, Registered
+    from peer.session import BrokerSession, SendRegister, SendTracker
+
+    session = BrokerSession(broker_timeout_s=5.0, now=0.0)
+    assert session.round_trip_s == 0.0  # none seen: requests are sized as on a LAN
+    rid = next(c.rid for c in session.register(0.0) if isinstance(c, SendRegister))
+    session.on_reply(Registered(rid, 7, "tcp://b:1", 1.0, 3, b"T" * 16), 0.08)
+    assert session.round_trip_s == pytest.approx(0.08)
+
+    def ask(at: float, took: float) -> None:
+        sent = session.request(lambda r: Ok(r), None, at)
+        assert isinstance(sent[0], SendTracker)
+        session.on_reply(Ok(sent[0].message.rid), at + took)  # type: ignore[attr-defined]
+
+    ask(1.0, 0.05)
+    ask(2.0, 0.3)  # waited behind a busy uplink or tracker: not the path's delay
+    assert session.round_trip_s == pytest.approx(0.05)
+    rid = next(c.rid for c in session.register(3.0) if isinstance(c, SendRegister))
+    session.on_reply(Registered(rid, 7, "tcp://b:1", 1.0, 3, b"U" * 16), 3.2)
+    assert session.round_trip_s == pytest.approx(0.2)  # registered again: measured anew
+
+
+def test_requests_outlast_a_long_round_trip() -> None:
+    """With 50 ms each way, requests sized to 0.1 s at the measured rate delivered two
+    segments per round trip, a rate that sized the next to one segment: downloads on 100 Mbit/s
+    links held at 2.5 Mbit/s and 8 of them took 3.3x the bound. Requests now last twice the
+    round trip at least."""
+    sw = SimSwarm(SimSettings.defaults(), origin_up_bps=100 * MBIT, latency_s=0.05)
+    sw, f, last = uniform_crowd(8, 32, sw)
+    bound = f.size * 8 / (100 * MBIT)
+    assert last < 2.0 * bound, last / bound
+    assert sw.origin_copies(f) <= 1.1
+    slowest = max(sw.peers.values(), key=lambda p: p.done_at["f.bin"])
+    assert slowest.session.round_trip_s == pytest.approx(0.1, abs=0.01)
