@@ -131,6 +131,9 @@ class PeerRecord:
     benched_until: float = 0.0
     bench_reason: str = ""
     up_bps: int = 0  # its own report (heartbeats): highest upload rate over its last seconds
+    # The highest up_bps it reported since registering: what its uplink showed while serving
+    # earlier downloads, so that the trees of the next file know it before it relays anything.
+    up_peak: int = 0
     planned: float = 0.0  # segments recently planned from this peer (decays): its load
     planned_at: float = 0.0
     heap_deadline: float = 0.0  # the deadline of this record's one live entry in the expiry heap
@@ -247,6 +250,7 @@ class Registry:
             return False
         record.last_seen = now
         record.up_bps = up_bps
+        record.up_peak = max(record.up_peak, up_bps)
         return True
 
     def heartbeat(
@@ -267,6 +271,7 @@ class Registry:
         record.heartbeat_seq = seq
         record.last_seen = now
         record.up_bps = up_bps
+        record.up_peak = max(record.up_peak, up_bps)
         return None
 
     def expire(self, now: float) -> list[str]:

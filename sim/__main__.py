@@ -3,6 +3,7 @@
     python -m sim --peers 16 --size-mib 32 --up-mbit 20          one swarm
     python -m sim --peers 16,100,1000 --links uniform,mixed,asym  a curve (time / ideal against N)
     python -m sim ... --plot docs/sim-curve.png                   and a plot of it
+    python -m sim --peers 16 --links mixed --up-mbit 20 --files 2 two files, one after the other
 
 Every host's uplink is `--up-mbit` (the origin's too); `mixed`: the origin and every other peer
 at `--fast-mbit`, the rest at `--up-mbit`; `asym`: every host `--up-mbit` up and `--down-mbit`
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from common.checkout import CORE, git_state
-from sim.swarm import DEFAULT_LATENCY_S, SimSettings, SimSwarm
+from sim.swarm import DEFAULT_LATENCY_S, SimPeer, SimSettings, SimSwarm
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 MIB = 1 << 20
@@ -59,7 +60,10 @@ def run_one(
     seed: int,
     segment_kib: int = 16,
     latency_ms: float = DEFAULT_LATENCY_S * 1000,
-) -> dict[str, Any]:
+    files: int = 1,
+) -> list[dict[str, Any]]:
+    """One swarm: `n` downloaders get `files` files of `size` bytes one after another (each once
+    the last has finished; the tracker keeps what it learnt of the peers). A row per file."""
     up = up_mbit * 1e6
     origin_up = fast_mbit * 1e6 if links == "mixed" else up
     down = down_mbit * 1e6 if links == "asym" else math.inf
@@ -67,7 +71,8 @@ def run_one(
     if segment_kib != 16:
         settings = settings.coarse(segment_kib * 1024)
     sw = SimSwarm(settings, origin_up_bps=origin_up, seed=seed, latency_s=latency_ms / 1000)
-    manifest = sw.add_file("f.bin", size)
+    names = ["f.bin"] if files == 1 else [f"f{i}.bin" for i in range(1, files + 1)]
+    manifests = [sw.add_file(name, size) for name in names]
     ups: list[float] = []
     peers = []
     for i in range(1, n + 1):
@@ -76,34 +81,48 @@ def run_one(
         peers.append(sw.add_peer(f"p{i}", peer_up, down))
     sw.run(0.5)  # every peer registered
     rng = random.Random(seed)
-    start = sw.clock.now
-    for peer in peers:
-        sw.clock.at(start + rng.uniform(0, 0.05), peer.start_download, "f.bin")
-    wall0 = time.perf_counter()
-    with _collect_less():
-        done = sw.run_until_done("f.bin", peers, 3600.0)
-    wall = time.perf_counter() - wall0
     bits = size * 8
     ideal = max(bits / origin_up, bits / down if down != math.inf else 0.0, n * bits / (origin_up + sum(ups)))
-    times = [p.done_at.get("f.bin", math.nan) for p in peers]
-    finished = max(times) if done and not any(math.isnan(t) for t in times) else math.nan
-    requests = sum(p.metrics.snapshot().total("segment_requests_total") for p in peers)
-    return {
-        "n": n,
-        "links": links,
-        "size_mib": size / MIB,
-        "up_mbit": up_mbit,
-        "segment_kib": segment_kib,
-        "latency_ms": latency_ms,
-        "seconds": round(finished, 3),
-        "ideal_s": round(ideal, 3),
-        "vs_ideal": round(finished / ideal, 3),
-        "origin_copies": round(sw.origin_copies(manifest), 3),
-        "failed": sum(1 for p in peers if "f.bin" in p.errors),
-        "requests": int(requests),
-        "events": sw.clock.events,
-        "wall_s": round(wall, 2),
-    }
+    rows = []
+    for index, (name, manifest) in enumerate(zip(names, manifests, strict=True), start=1):
+        start = sw.clock.now
+        for peer in peers:
+            sw.clock.at(start + rng.uniform(0, 0.05), peer.start_download, name)
+        events = sw.clock.events if index > 1 else 0  # the first file's count includes registering
+        requests_before = _requests(peers)
+        origin_before = sw.broker_host.payload_sent
+        wall0 = time.perf_counter()
+        with _collect_less():
+            done = sw.run_until_done(name, peers, 3600.0)
+        wall = time.perf_counter() - wall0
+        times = [p.done_at.get(name, math.nan) for p in peers]
+        finished = max(times) if done and not any(math.isnan(t) for t in times) else math.nan
+        rows.append(
+            {
+                "n": n,
+                "links": links,
+                "size_mib": size / MIB,
+                "up_mbit": up_mbit,
+                "segment_kib": segment_kib,
+                "latency_ms": latency_ms,
+                "file": index,
+                "seconds": round(finished, 3),
+                "ideal_s": round(ideal, 3),
+                "vs_ideal": round(finished / ideal, 3),
+                "origin_copies": round((sw.broker_host.payload_sent - origin_before) / manifest.size, 3),
+                "failed": sum(1 for p in peers if name in p.errors),
+                "requests": int(_requests(peers) - requests_before),
+                "events": sw.clock.events - events,
+                "wall_s": round(wall, 2),
+            }
+        )
+        if index < len(names):
+            sw.run(sw.clock.now + 1.0)  # the finished downloads' last announcements settle
+    return rows
+
+
+def _requests(peers: list[SimPeer]) -> float:
+    return float(sum(p.metrics.snapshot().total("segment_requests_total") for p in peers))
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -163,9 +182,17 @@ def main(argv: list[str] | None = None) -> int:
         default="0.1",
         help="every host's one-way delay in ms, comma-separated (a round trip takes twice this)",
     )
+    ap.add_argument(
+        "--files",
+        type=int,
+        default=1,
+        help="files got one after another in one swarm (a row each; the tracker keeps what it learnt)",
+    )
     ap.add_argument("--plot", type=Path, help="draw time / ideal against N into this PNG")
     ap.add_argument("--results-name", default="sim", help="bench/results/<name>.json")
     args = ap.parse_args(argv)
+    if args.files < 1:
+        ap.error(f"--files {args.files}: at least 1")
     if args.segment_kib != 16:
         try:
             SimSettings.defaults().coarse(args.segment_kib * 1024)
@@ -181,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         for up_mbit in [float(x) for x in args.up_mbit.split(",")]:
             for latency_ms in [float(x) for x in args.latency_ms.split(",")]:
                 for n in [int(x) for x in args.peers.split(",")]:
-                    row = run_one(
+                    for row in run_one(
                         n,
                         links,
                         size,
@@ -191,14 +218,17 @@ def main(argv: list[str] | None = None) -> int:
                         args.seed,
                         args.segment_kib,
                         latency_ms,
-                    )
-                    rows.append(row)
-                    print(
-                        f"{n:>5} {links:<8} {up_mbit:>5g} {latency_ms:>6g} {row['seconds']:>8.2f} "
-                        f"{row['ideal_s']:>8.2f} {row['vs_ideal']:>7.2f} {row['origin_copies']:>6.2f} "
-                        f"{row['wall_s']:>7.1f}" + (f"  ({row['failed']} failed)" if row["failed"] else ""),
-                        flush=True,
-                    )
+                        args.files,
+                    ):
+                        rows.append(row)
+                        print(
+                            f"{n:>5} {links:<8} {up_mbit:>5g} {latency_ms:>6g} {row['seconds']:>8.2f} "
+                            f"{row['ideal_s']:>8.2f} {row['vs_ideal']:>7.2f} {row['origin_copies']:>6.2f} "
+                            f"{row['wall_s']:>7.1f}"
+                            + (f"  file {row['file']}" if args.files > 1 else "")
+                            + (f"  ({row['failed']} failed)" if row["failed"] else ""),
+                            flush=True,
+                        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.results_name}.json"
     out.write_text(

@@ -487,6 +487,24 @@ def test_planned_runs_are_remembered_per_reporter_and_bounded() -> None:
     assert r.planned_runs("d", F2, "a", [(1, 1)], now=51.0) == [(1, 1)]
 
 
+def test_a_peer_keeps_the_highest_upload_rate_it_reported_since_registering() -> None:
+    """up_bps is its recent peak (it falls back to 0 when it stops serving); up_peak is what
+    its uplink has shown since it registered, which the next file's relay trees use."""
+    r = reg()
+    r.register("a", b"ra", ep(1), [], now=0.0, token=b"t" * 16)
+    assert r.peers["a"].up_peak == 0
+    assert r.heartbeat("a", b"t" * 16, 1, now=1.0, up_bps=5_000) is None
+    assert r.heartbeat("a", b"t" * 16, 2, now=2.0, up_bps=0) is None
+    assert r.touch("a", now=3.0, up_bps=3_000)
+    assert (r.peers["a"].up_bps, r.peers["a"].up_peak) == (3_000, 5_000)
+    assert r.heartbeat("a", b"t" * 16, 3, now=4.0, up_bps=9_000) is None
+    assert r.peers["a"].up_peak == 9_000
+    assert r.heartbeat("a", b"x" * 16, 4, now=5.0, up_bps=10**12) == "token"  # refused: not counted
+    assert r.peers["a"].up_peak == 9_000
+    r.register("a", b"ra", ep(1), [], now=6.0, token=b"u" * 16)  # a new registration starts afresh
+    assert r.peers["a"].up_peak == 0
+
+
 def test_heartbeat_needs_the_token_a_growing_seq_and_the_key() -> None:
     r = reg()
     r.register("a", b"ra", ep(1), [], now=0.0, token=b"t" * 16)

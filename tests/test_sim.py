@@ -126,6 +126,56 @@ def test_relays_on_slow_uplinks_become_leaves(mixed: bool, factor: float) -> Non
     assert sw.origin_copies(f) <= 1.2
 
 
+def mixed_crowd_two_files(
+    factor: float = 3.0, liar: bool = False
+) -> tuple[SimSwarm, list[float], frozenset[str]]:
+    """16 downloaders, every other one on a 20 Mbit/s uplink (the rest and the origin at 100),
+    get two 32 MiB files one after the other. Returns the swarm, each file's time (simulated
+    seconds) and the second file's slow relays 0.5 s after it started, before the tracker has
+    judged any relay of it (RELAY_SETTLE_S)."""
+    sw = swarm(slow_relay_factor=factor)
+    files = [sw.add_file(name, 32 * 1024 * 1024) for name in ("a.bin", "b.bin")]
+    peers = [sw.add_peer(f"p{i}", (100 if i % 2 else 20) * MBIT) for i in range(1, 17)]
+    sw.run(1.0)
+    took: list[float] = []
+    early: frozenset[str] = frozenset()
+    for f in files:
+        if liar and f is files[1]:
+            sw.tracker.registry.peers["p2"].up_peak = 10**12  # a 20 Mbit/s peer's false claim
+        start = sw.clock.now
+        for p in peers:
+            p.get(f.name)
+        sw.run(start + 0.5)
+        early = sw.tracker.slow_relays(f.file_id)
+        assert sw.run_until_done(f.name, peers, 300)
+        took.append(max(p.done_at[f.name] for p in peers))
+        sw.run(sw.clock.now + 1.0)
+    return sw, took, early
+
+
+def test_the_next_file_knows_the_slow_uplinks_from_the_start() -> None:
+    """The first file's trees learn which relays are slow as they go (a slow stripe root hides
+    the slow relays below it: they are found one or two at a time, over seconds); the tracker
+    keeps each peer's highest upload rate, so the second file's trees make the 20 Mbit/s peers
+    leaves from the first GET: 8.65 s (2.13x the bound) for the first file, 6.30 s (1.56x) for
+    the second."""
+    _, took, early = mixed_crowd_two_files()
+    assert early == {f"p{i}" for i in range(2, 17, 2)}  # every 20 Mbit/s peer, no other
+    assert took[1] < 0.85 * took[0], took
+
+
+def test_one_peers_false_claim_of_a_fast_uplink_makes_no_one_else_a_leaf() -> None:
+    """The bar is the second highest rate shown: a single peer claiming a terabit leaves the
+    others judged against each other (the 20 Mbit/s ones, against the 100 Mbit/s ones)."""
+    _, _, early = mixed_crowd_two_files(liar=True)
+    assert early == {f"p{i}" for i in range(4, 17, 2)}  # the liar itself is not judged slow
+
+
+def test_without_the_judgement_no_peer_is_known_slow() -> None:
+    _, _, early = mixed_crowd_two_files(factor=0.0)
+    assert not early
+
+
 def test_relays_fed_late_while_the_trees_fill_are_not_found_slow() -> None:
     """Uniform 100 Mbit/s links, 64 MiB: while the trees fill, relays fed late upload at a fifth
     of the busiest ones' rate and their children lag; judged at once, a quarter of the swarm
@@ -221,6 +271,24 @@ def test_the_sim_command_runs_a_swarm_at_each_latency_asked(
     assert rows[1]["seconds"] > rows[0]["seconds"] + 0.2, rows
     table = capsys.readouterr().out
     assert "lat ms" in table and " 50 " in table
+
+
+def test_the_sim_command_gets_files_one_after_another(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A row per file, each with its own time and origin copies; the second starts once the
+    # first has finished, in the same swarm.
+    import sim.__main__ as sim_main
+
+    monkeypatch.setattr(sim_main, "RESULTS", tmp_path)
+    assert sim_main.main(["--peers", "4", "--size-mib", "2", "--files", "2", "--links", "mixed"]) == 0
+    rows = json.loads((tmp_path / "sim.json").read_text())["rows"]
+    assert [r["file"] for r in rows] == [1, 2]
+    assert all(r["failed"] == 0 and r["seconds"] > 0 and 0.9 <= r["origin_copies"] <= 1.5 for r in rows), rows
+    assert all(r["events"] > 0 and r["requests"] > 0 for r in rows), rows
+    assert "file 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sim_main.main(["--files", "0"])
 
 
 def test_relays_waiting_on_each_other_from_older_plans_let_go_at_the_next_plan() -> None:
