@@ -22,7 +22,10 @@ Systems (`--systems`, default all that are installed or installable):
   their control channel), DEFAULT
   configs (only log_level WARNING; `--broker-set/--peer-set KEY=VALUE` to change any field); every
   peer registered, then all N `get` at once; timed from the first get to the last answer.
-  `zswarm-origin` (not in the default list) is the same with `plan_policy: origin_only`.
+  `zswarm-origin` (not in the default list) is the same with `plan_policy: origin_only`;
+  `zswarm-warm` (not in the default list) first has the same swarm get another file of the same
+  size, untimed, as a long-lived swarm would have (the broker keeps what it learnt of the
+  uplinks), then times the file as `zswarm` does.
 - libtorrent: 2.0.8 from Debian, 256 KiB pieces, TCP only (see bench/anchors.py);
 - nginx: nginx + N curls (see bench/anchors.py).
 
@@ -162,13 +165,17 @@ def run_zswarm(
     peer_fields: dict[str, Any],
     broker_fields: dict[str, Any],
     origin_only: bool = False,
+    warm: Path | None = None,
 ) -> dict[str, Any]:
-    """Broker in host 0, peers in hosts 1..n, as the earlier bench.hosts ran them."""
+    """Broker in host 0, peers in hosts 1..n, as the earlier bench.hosts ran them; with `warm`,
+    the peers first get that file (untimed) in the same swarm."""
     fingerprint = core_fingerprint()
     run_dir = work / f"zswarm-{n}-{time.monotonic_ns()}"
     share = run_dir / "share"
     share.mkdir(parents=True)
     os.link(file, share / file.name)
+    if warm is not None:
+        os.link(warm, share / warm.name)
     procs: list[ProcessBroker | ProcessPeer] = []
     try:
         broker_yaml = write_yaml(
@@ -206,6 +213,13 @@ def run_zswarm(
         for peer in peers:  # every peer registered before the clock starts
             if not peer.wait_registered(30):
                 raise RuntimeError(f"{peer.name} did not register")
+        warm_s = None
+        if warm is not None:
+            warm_t0 = time.monotonic()
+            with ThreadPoolExecutor(n) as warmers:
+                list(warmers.map(lambda p: p.get(warm.name, timeout), peers))
+            warm_s = round(time.monotonic() - warm_t0, 3)
+            time.sleep(1.0)  # the warm-up's last announcements and uploads settle, untimed
         before = origin_bytes_served(peers[0].broker_stats())
         win = window([p.pid for p in procs])
         finished: dict[str, float] = {}
@@ -251,6 +265,7 @@ def run_zswarm(
             if not (peer_fields or broker_fields)
             else {"peer": peer_fields, "broker": broker_fields},
             "plan_policy": "origin_only" if origin_only else "default",
+            "warm_up_s": warm_s,
             "core_fingerprint": fingerprint,
             "timed": "from the first get sent to the last answer",
         },
@@ -306,10 +321,15 @@ def one_run(
         windows.append(Window(sampler, pids))
         return windows[-1]
 
-    if system in ("zswarm", "zswarm-origin"):
+    if system in ("zswarm", "zswarm-origin", "zswarm-warm"):
+        warm = None
+        if system == "zswarm-warm":
+            warm = work / "warm.bin"
+            if not warm.exists():
+                make_file(warm, size, seed="zswarm-bench-warm")
         res = run_zswarm(
             net, n, work, file, window, args.timeout, overrides(args.peer_set), overrides(args.broker_set),
-            origin_only=system == "zswarm-origin",
+            origin_only=system == "zswarm-origin", warm=warm,
         )  # fmt: skip
     elif system == "libtorrent":
         res = anchors.run_libtorrent(
@@ -605,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--asym", action="store_true", help="also: every host 20 Mbit/s up, 100 Mbit/s down")
     ap.add_argument(
-        "--systems", default=",".join(ALL_SYSTEMS), help="of zswarm, zswarm-origin, libtorrent, nginx"
+        "--systems", default=",".join(ALL_SYSTEMS), help="of zswarm, zswarm-origin, zswarm-warm, libtorrent, nginx"
     )
     ap.add_argument("--repeat", type=int, default=3, help="rounds (systems alternated in each)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take")
