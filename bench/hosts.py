@@ -625,7 +625,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--asym", action="store_true", help="also: every host 20 Mbit/s up, 100 Mbit/s down")
     ap.add_argument(
-        "--systems", default=",".join(ALL_SYSTEMS), help="of zswarm, zswarm-origin, zswarm-warm, libtorrent, nginx"
+        "--systems",
+        default=",".join(ALL_SYSTEMS),
+        help="of zswarm, zswarm-origin, zswarm-warm, libtorrent, nginx",
     )
     ap.add_argument("--repeat", type=int, default=3, help="rounds (systems alternated in each)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take")
