@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,29 @@ def test_one_peers_false_claim_of_a_fast_uplink_makes_no_one_else_a_leaf() -> No
     others judged against each other (the 20 Mbit/s ones, against the 100 Mbit/s ones)."""
     _, _, early = mixed_crowd_two_files(liar=True)
     assert early == {f"p{i}" for i in range(4, 17, 2)}  # the liar itself is not judged slow
+
+
+def test_the_next_file_measures_its_sources_anew() -> None:
+    """Per-source timings outlive a download only while another one is under way: a second
+    file's relay parents are other peers, or the same ones fetching; sized from the first
+    file's rates, the second file on uniform 100 Mbit/s links took 1.38x the bound, 12% longer
+    than the first (1.23x). Measured anew: 3.30 s and 3.39 s here, 3.70 s for the second file
+    with the first file's timings."""
+    sw = SimSwarm(SimSettings.defaults(), origin_up_bps=100 * MBIT)
+    files = [sw.add_file(name, 32 * 1024 * 1024) for name in ("a.bin", "b.bin")]
+    peers = [sw.add_peer(f"p{i}", 100 * MBIT) for i in range(1, 17)]
+    sw.run(1.0)
+    rng = random.Random(0)
+    took = []
+    for f in files:
+        start = sw.clock.now
+        for p in peers:  # within 50 ms of each other, as `python -m sim` starts them
+            sw.clock.at(start + rng.uniform(0, 0.05), p.start_download, f.name)
+        assert sw.run_until_done(f.name, peers, 300)
+        took.append(max(p.done_at[f.name] for p in peers))
+        assert all(p.timings for p in peers)  # measured while it ran
+        sw.run(sw.clock.now + 1.0)
+    assert took[1] < 1.05 * took[0], took
 
 
 def test_without_the_judgement_no_peer_is_known_slow() -> None:
