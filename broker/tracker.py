@@ -563,14 +563,15 @@ class Tracker:
             # the downloaders, and a GET that rebuilds the trees judges them too when it is time:
             # while downloaders come and go, the judgement waits for no GET that changes nothing.
             kept = cached if cached is not None and cached.crowd & names else None
-            # Downloaders whose uplinks are known from earlier files are leaves from the start:
-            # all of them while the trees settle, newcomers after that (the others are judged
-            # by what they do with this file).
+            # Downloaders whose uplinks are known from earlier files are leaves from the start.
+            # While the trees settle (no relay of this file is judged yet) the set is drawn
+            # anew from the whole crowd at each change: drawn from the first few downloaders,
+            # it would keep what a few figures said; after that, newcomers join it.
             built_at = kept.built_at if kept is not None else now
-            newcomers = names if now - built_at < RELAY_SETTLE_S or cached is None else names - cached.crowd
-            slow = (cached.slow & names if cached is not None else frozenset()) | self._known_slow(
-                names, newcomers
-            )
+            if cached is None or now - built_at < RELAY_SETTLE_S:
+                slow = self._known_slow(names, names)
+            else:
+                slow = (cached.slow & names) | self._known_slow(names, names - cached.crowd)
             cached = _FileTrees(
                 file_id,
                 version,
@@ -608,21 +609,24 @@ class Tracker:
     def _known_slow(self, names: frozenset[str], newcomers: frozenset[str]) -> frozenset[str]:
         """The `newcomers` to a file's downloaders `names` known to be slow before they relay
         any of it: their highest upload rate since registering (heartbeats, shown while they
-        served earlier files) is under 1 / slow_relay_factor of the second highest among
-        `names`. Not the highest: one peer's claim alone cannot make every other a leaf. A peer
-        that has reported no upload yet is not judged. In a fresh swarm `_slow_relays` finds
-        the slow relays within seconds, but a slow stripe root hides the slow relays below it
-        (they are never loaded, so never judged): simulated mixed links (half the uplinks
-        20 Mbit/s, half 100), 32 MiB, N = 16, the second file of a swarm took 1.80x the bound
-        when its trees learnt anew, 1.47-1.56x with this (N = 100: 2.08-2.87x, 1.88-1.96x)."""
+        served earlier files) is under 1 / slow_relay_factor of the upper quartile of the
+        figures among `names` (at least the second highest). Not the highest: a few peers'
+        claims cannot make every other a leaf. A peer that has reported no upload is not
+        judged. In a fresh swarm `_slow_relays` finds the slow relays within seconds, but a
+        slow stripe root hides the slow relays below it (they are never loaded, so never
+        judged): simulated mixed links (half the uplinks 20 Mbit/s, half 100), 32 MiB, N = 16,
+        the second file of a swarm took 1.80x the bound when its trees learnt anew, 1.45-1.56x
+        with this (N = 100: 2.08-2.87x, 1.87-1.96x)."""
         factor = self.settings.slow_relay_factor
         if not factor or not newcomers or len(names) < 3:
             return frozenset()
         peers = self.registry.peers
-        ranked = heapq.nlargest(2, (peers[name].up_peak for name in names if name in peers))
-        if len(ranked) < 2 or not ranked[1]:
+        known = [peers[name].up_peak for name in names if name in peers and peers[name].up_peak]
+        if len(known) < 2:
             return frozenset()
-        bar = ranked[1]
+        # The upper quartile, at least the second highest: a few peers' outlying figures (a
+        # burst to a client on their own host, or a lie) cannot make the others leaves.
+        bar = heapq.nlargest(max(2, len(known) // 4 + 1), known)[-1]
         return frozenset(
             name for name in newcomers if name in peers and 0 < peers[name].up_peak * factor < bar
         )
