@@ -216,8 +216,11 @@ def run_zswarm(
         warm_s = None
         if warm is not None:
             warm_t0 = time.monotonic()
-            with ThreadPoolExecutor(n) as warmers:
+            warmers = ThreadPoolExecutor(n)
+            try:
                 list(warmers.map(lambda p: p.get(warm.name, timeout), peers))
+            finally:  # not `with`, as below: on Ctrl-C stopping the peers ends the gets
+                warmers.shutdown(wait=False, cancel_futures=True)
             warm_s = round(time.monotonic() - warm_t0, 3)
             time.sleep(1.0)  # the warm-up's last announcements and uploads settle, untimed
         before = origin_bytes_served(peers[0].broker_stats())

@@ -143,6 +143,10 @@ class PeerRecord:
     plans: dict[bytes, _Planned] = field(default_factory=dict)  # as a reporter: plans it got
     recheck: dict[bytes, None] = field(default_factory=dict)  # files to re-verify (ordered set)
 
+    def note_upload(self, up_bps: int) -> None:
+        self.up_bps = up_bps
+        self.up_peak = max(self.up_peak, up_bps)
+
 
 @dataclass(frozen=True, slots=True)
 class Holder:
@@ -249,8 +253,7 @@ class Registry:
         if record is None:
             return False
         record.last_seen = now
-        record.up_bps = up_bps
-        record.up_peak = max(record.up_peak, up_bps)
+        record.note_upload(up_bps)
         return True
 
     def heartbeat(
@@ -270,8 +273,7 @@ class Registry:
             return "replay"
         record.heartbeat_seq = seq
         record.last_seen = now
-        record.up_bps = up_bps
-        record.up_peak = max(record.up_peak, up_bps)
+        record.note_upload(up_bps)
         return None
 
     def expire(self, now: float) -> list[str]:

@@ -618,7 +618,7 @@ class Tracker:
         the second file of a swarm took 1.80x the bound when its trees learnt anew, 1.45-1.56x
         with this (N = 100: 2.08-2.87x, 1.87-1.96x)."""
         factor = self.settings.slow_relay_factor
-        if not factor or not newcomers or len(names) < 3:
+        if not factor or not newcomers:
             return frozenset()
         peers = self.registry.peers
         known = [peers[name].up_peak for name in names if name in peers and peers[name].up_peak]

@@ -88,7 +88,7 @@ def run_one(
         start = sw.clock.now
         for peer in peers:
             sw.clock.at(start + rng.uniform(0, 0.05), peer.start_download, name)
-        events = sw.clock.events if index > 1 else 0  # the first file's count includes registering
+        events_before = sw.clock.events if index > 1 else 0  # the first file's count includes registering
         requests_before = _requests(peers)
         origin_before = sw.broker_host.payload_sent
         wall0 = time.perf_counter()
@@ -112,7 +112,7 @@ def run_one(
                 "origin_copies": round((sw.broker_host.payload_sent - origin_before) / manifest.size, 3),
                 "failed": sum(1 for p in peers if name in p.errors),
                 "requests": int(_requests(peers) - requests_before),
-                "events": sw.clock.events - events,
+                "events": sw.clock.events - events_before,
                 "wall_s": round(wall, 2),
             }
         )

@@ -127,11 +127,9 @@ def test_relays_on_slow_uplinks_become_leaves(mixed: bool, factor: float) -> Non
     assert sw.origin_copies(f) <= 1.2
 
 
-def mixed_crowd_two_files(
-    factor: float = 3.0, liar: bool = False
-) -> tuple[SimSwarm, list[float], frozenset[str]]:
+def mixed_crowd_two_files(factor: float = 3.0, liar: bool = False) -> tuple[list[float], frozenset[str]]:
     """16 downloaders, every other one on a 20 Mbit/s uplink (the rest and the origin at 100),
-    get two 32 MiB files one after the other. Returns the swarm, each file's time (simulated
+    get two 32 MiB files one after the other. Returns each file's time (simulated
     seconds) and the second file's slow relays 0.5 s after it started, before the tracker has
     judged any relay of it (RELAY_SETTLE_S)."""
     sw = swarm(slow_relay_factor=factor)
@@ -152,7 +150,7 @@ def mixed_crowd_two_files(
         assert sw.run_until_done(f.name, peers, 300)
         took.append(max(p.done_at[f.name] for p in peers))
         sw.run(sw.clock.now + 1.0)
-    return sw, took, early
+    return took, early
 
 
 def test_the_next_file_knows_the_slow_uplinks_from_the_start() -> None:
@@ -161,7 +159,7 @@ def test_the_next_file_knows_the_slow_uplinks_from_the_start() -> None:
     keeps each peer's highest upload rate, so the second file's trees make the 20 Mbit/s peers
     leaves from the first GET: 8.65 s (2.13x the bound) for the first file, 6.30 s (1.56x) for
     the second."""
-    _, took, early = mixed_crowd_two_files()
+    took, early = mixed_crowd_two_files()
     assert early == {f"p{i}" for i in range(2, 17, 2)}  # every 20 Mbit/s peer, no other
     assert took[1] < 0.85 * took[0], took
 
@@ -169,7 +167,7 @@ def test_the_next_file_knows_the_slow_uplinks_from_the_start() -> None:
 def test_a_few_false_claims_of_a_fast_uplink_make_no_one_else_a_leaf() -> None:
     """The bar is the upper quartile of the rates shown: two peers claiming a terabit leave the
     others judged against each other (the 20 Mbit/s ones, against the 100 Mbit/s ones)."""
-    _, _, early = mixed_crowd_two_files(liar=True)
+    _, early = mixed_crowd_two_files(liar=True)
     assert early == {f"p{i}" for i in range(6, 17, 2)}  # the liars themselves are not judged slow
 
 
@@ -197,7 +195,7 @@ def test_the_next_file_measures_its_sources_anew() -> None:
 
 
 def test_without_the_judgement_no_peer_is_known_slow() -> None:
-    _, _, early = mixed_crowd_two_files(factor=0.0)
+    _, early = mixed_crowd_two_files(factor=0.0)
     assert not early
 
 
